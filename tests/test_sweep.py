@@ -1,0 +1,225 @@
+"""Sweeps on real Ray and a real MLflow server: ASHA, retries from checkpoints, resume, nodes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.spec import JobSpec
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """FGD_HOME, a tiny dataset, a teacher file and a real MLflow server for this module."""
+    from sweep_helpers import make_teacher
+
+    from workers.tracking import start_server
+
+    home = tmp_path_factory.mktemp("fgd_home")
+    data = home / "data" / "shapes-tiny"
+    teacher = make_teacher(data, home / "teacher.pt")
+    server = start_server(
+        f"sqlite:///{home / 'mlflow.db'}", str(home / "artifacts"), log_path=home / "mlflow.log"
+    )
+    yield {"home": home, "data": data, "teacher": teacher, "uri": server.uri}
+    server.stop()
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(
+        num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False
+    )
+    yield
+    ray.shutdown()
+
+
+def _client(uri):
+    from workers.tracking import make_client
+
+    return make_client(uri)
+
+
+def _children(uri, experiment_id, parent):
+    from workers.tracking import list_trial_runs
+
+    return list_trial_runs(_client(uri), experiment_id, parent)
+
+
+def test_asha_sweep_stops_trials_early_and_logs_nested_runs(env, local_ray, tmp_path):
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    sweep = {
+        "space": {"alpha": {"loguniform": [1e-6, 1e2]}},
+        "scheduler": "asha",
+        "asha": {"grace_period": 1, "reduction_factor": 2},
+        "num_samples": 4,
+        "max_concurrent_trials": 2,
+        "metric": "train/loss",
+        "mode": "min",
+    }
+    spec = JobSpec.model_validate(tiny_job(env["data"], env["teacher"], sweep=sweep))
+    result = run_sweep(spec, name="asha", tracking_uri=env["uri"], storage_path=str(tmp_path))
+    assert len(result.rows) == 4
+    steps = [r.metrics.get("step") for r in result.rows]
+    assert min(steps) < 6 <= max(steps), steps  # at least one trial stopped early
+    runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
+    assert len(runs) == 4
+    for run in runs:
+        assert "alpha" in run.data.params and "beta" in run.data.params
+        assert "train/loss" in run.data.metrics
+    parent = _client(env["uri"]).get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in _client(env["uri"]).list_artifacts(result.parent_run_id)}
+    assert "plots" in artifacts and any(a.startswith("leaderboard") for a in artifacts)
+    assert result.registered_model is not None
+
+
+def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path, monkeypatch):
+    import ray
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    marker = tmp_path / "fault-fired"
+    ray.init(
+        num_cpus=2,
+        object_store_memory=150 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"FGD_FAULT_AT_STEP": "3", "FGD_FAULT_MARKER": str(marker)}},
+    )
+    try:
+        sweep = {"num_samples": 1, "max_failures": 1}
+        spec = JobSpec.model_validate(tiny_job(env["data"], None, sweep=sweep))
+        result = run_sweep(
+            spec, name="retry", tracking_uri=env["uri"], storage_path=str(tmp_path / "tune")
+        )
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the fault fired
+    (row,) = result.rows
+    assert row.status == "TERMINATED" and row.metrics["step"] == 6
+    runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
+    assert len(runs) == 1  # the retry continued its own run
+    history = _client(env["uri"]).get_metric_history(runs[0].info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert steps.count(1) == 1 and steps.count(2) == 1  # no restart from step 1
+    assert max(steps) == 6
+
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _ray_head(port: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--object-store-memory=150000000",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+
+def test_sweep_resumes_after_its_driver_is_killed(env, tmp_path):
+    from sweep_helpers import tiny_job
+
+    port = 6391
+    _ray_head(port)
+    address = f"127.0.0.1:{port}"
+    try:
+        sweep = {
+            "space": {"alpha": {"choice": [1e-5, 1e-4, 1e-3]}},
+            "num_samples": 3,
+            "max_concurrent_trials": 1,
+        }
+        spec_path = tmp_path / "spec.json"
+        spec = JobSpec.model_validate(
+            tiny_job(env["data"], env["teacher"], sweep=sweep, iterations=8)
+        )
+        spec_path.write_text(spec.model_dump_json(by_alias=True))
+        storage = tmp_path / "tune"
+        code = (
+            "import sys; from workers.spec import load_spec; from workers.sweep import run_sweep\n"
+            f"run_sweep(load_spec({str(spec_path)!r}), name='resume', tracking_uri={env['uri']!r},"
+            f" storage_path={str(storage)!r}, ray_address={address!r},"
+            " resume='--resume' in sys.argv)\n"
+        )
+        driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(storage.glob("resume/*/checkpoint_*")):
+            time.sleep(1)
+        assert list(storage.glob("resume/*/checkpoint_*")), "no checkpoint before the kill"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        done = subprocess.run([sys.executable, "-c", code, "--resume"], cwd=ROOT, timeout=600)
+        assert done.returncode == 0
+        from workers.sweep import SWEEP_TAG
+        from workers.tracking import get_or_create_experiment
+
+        client = _client(env["uri"])
+        exp = get_or_create_experiment(client, "fgd")
+        parents = client.search_runs([exp], filter_string=f"tags.`{SWEEP_TAG}` = 'resume'")
+        assert len(parents) == 1  # the restored driver continued the same parent run
+        assert parents[0].info.status == "FINISHED"
+        runs = _children(env["uri"], exp, parents[0].info.run_id)
+        assert len(runs) == 3
+        assert all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+
+
+def test_multi_node_cluster_places_trials_on_several_nodes(env, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 100 * 1024**2,
+            "include_dashboard": False,
+        },
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        sweep = {"space": {"temp": {"grid": [1.0, 2.0]}}, "max_concurrent_trials": 2}
+        spec = JobSpec.model_validate(
+            tiny_job(env["data"], env["teacher"], sweep=sweep, iterations=4)
+        )
+        result = run_sweep(
+            spec, name="nodes", tracking_uri=env["uri"], storage_path=str(tmp_path / "tune")
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len({r.node_id for r in result.rows}) == 2  # one trial on each worker node
+    runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

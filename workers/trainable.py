@@ -1,0 +1,214 @@
+"""The Ray Tune trainable: a thin adapter from a trial's config to `fgd_core`'s `run_job`.
+
+validate config -> build the job -> restore from the Tune checkpoint if one is given -> train
+-> report metrics with a checkpoint at every evaluation. Each trial logs to its own nested MLflow
+run over HTTP, so it can run on any node; a retried or restored trial continues that run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from workers.spec import JobSpec
+from workers.sweep_spec import FGD_PARAMS, RATIO
+
+STATE_FILE = "state.pt"
+META_FILE = "trial.json"
+
+# Fault injection for the fault-tolerance tests: with FGD_FAULT_AT_STEP=N and
+# FGD_FAULT_MARKER=<path>, the first trial to reach step N creates the marker and raises once.
+FAULT_STEP_ENV = "FGD_FAULT_AT_STEP"
+FAULT_MARKER_ENV = "FGD_FAULT_MARKER"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by the fault-injection hook (tests only)."""
+
+
+def _maybe_inject_fault(step: int) -> None:
+    at = os.environ.get(FAULT_STEP_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not at or not marker or step != int(at):
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise InjectedFault(f"injected fault at step {step}")
+
+
+def apply_overrides(job: dict[str, Any], config: dict[str, Any]) -> JobSpec:
+    """The trial's JobSpec: the job with the sampled hyperparameters and grid values applied.
+
+    Args:
+        job: the sweep's JobSpec as a dict (`JobSpec.to_dict()`).
+        config: the trial config, {"hp": {alpha, ..., ratio}, "grid": {dotted path: value}}.
+    """
+    spec = copy.deepcopy(job)
+    spec.pop("sweep", None)
+    for path, value in (config.get("grid") or {}).items():
+        node = spec
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    hp = config.get("hp") or {}
+    fgd = spec.setdefault("fgd", {})
+    for name in FGD_PARAMS:
+        if name in hp:
+            fgd[name] = float(hp[name])
+    if RATIO in hp:
+        fgd["calibrate_ratio"] = float(hp[RATIO])
+    if spec.get("kind") != "distill":
+        spec.pop("teacher", None)
+        spec["baseline"] = False
+    return JobSpec.model_validate(spec)
+
+
+def flat_params(spec: JobSpec) -> dict[str, Any]:
+    """Every field of the spec as dotted MLflow params (FGD's under alpha, ..., temp)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", spec.to_dict())
+    for name in FGD_PARAMS:
+        out[name] = out.pop(f"fgd.{name}", None)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def resolve_teacher_weights(spec: JobSpec, teacher_uri: str | None, client: Any) -> str | None:
+    """A local file of the teacher's weights: the checkpoint, or the MLflow artifact fetched."""
+    if spec.kind != "distill" or spec.teacher is None:
+        return None
+    uri = teacher_uri or spec.teacher.mlflow_uri
+    if uri:
+        from workers.tracking import download_run_artifact
+
+        path = download_run_artifact(uri, client=client)
+        if path.is_dir():  # a registered model or run folder: the one state-dict file in it
+            files = sorted(path.rglob("*.pt"))
+            if len(files) != 1:
+                raise ValueError(f"{uri} holds {len(files)} .pt files; point at one of them")
+            path = files[0]
+        return str(path)
+    return spec.teacher.checkpoint
+
+
+def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict[str, Any]) -> None:
+    """Train one trial; reports metrics and a checkpoint at every evaluation."""
+    import torch
+    from ray import tune
+
+    from fgd_core.training.checkpoint import load_checkpoint, save_checkpoint
+    from fgd_core.training.jobs import Callbacks, run_job
+    from workers.convert import job_config
+    from workers.tracking import (
+        finish_run,
+        log_artifact_file,
+        log_json_artifact,
+        log_metrics,
+        make_client,
+        open_trial_run,
+    )
+
+    import ray
+
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    node_id = ray.get_runtime_context().get_node_id()
+    resources = ctx.get_trial_resources().required_resources
+    # Two oversubscribed cores run many times slower: one torch thread per CPU of the trial.
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+
+    spec = apply_overrides(job, config)
+    client = make_client(tracking["uri"])
+    teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client)
+    job_cfg = job_config(spec, teacher_weights=teacher_weights)
+    hp = dict(config.get("hp") or {})
+
+    resume = None
+    run_id = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / STATE_FILE)
+            meta = json.loads((Path(folder) / META_FILE).read_text())
+        if meta.get("trial_id") == trial_id:  # PBT may hand over another trial's checkpoint
+            run_id = meta.get("mlflow_run_id")
+        if "fgd_hparams" in resume and hp:
+            # PBT: the values in force are the ones the scheduler chose for this trial.
+            resume["fgd_hparams"].update({k: float(v) for k, v in hp.items() if k != RATIO})
+
+    run_id = open_trial_run(
+        client,
+        tracking["experiment_id"],
+        tracking["parent_run_id"],
+        trial_id,
+        name=ctx.get_trial_name(),
+        params=flat_params(spec),
+        run_id=run_id,
+    )
+    evaluations: dict[int, dict[str, float]] = {}
+    in_force: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        last_train.clear()
+        last_train.update({f"train/{k}": v for k, v in metrics.items()})
+        log_metrics(client, run_id, last_train, step)
+        _maybe_inject_fault(step)
+
+    def on_evaluation(step: int, metrics: dict[str, float]) -> None:
+        evaluations[step] = metrics
+        log_metrics(client, run_id, metrics, step)
+
+    def on_teacher(metrics: dict[str, float]) -> None:
+        log_metrics(client, run_id, {f"teacher_{k}": v for k, v in metrics.items()}, 0)
+
+    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        if "fgd_hparams" in state:
+            in_force.update(state["fgd_hparams"])
+            log_metrics(client, run_id, {f"hp/{k}": v for k, v in in_force.items()}, step)
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder) / STATE_FILE)
+            if step == job_cfg.train.schedule.iterations:
+                log_artifact_file(client, run_id, Path(folder) / STATE_FILE, "checkpoint")
+            meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
+            (Path(folder) / META_FILE).write_text(json.dumps(meta))
+            report = {k: v for k, v in last_train.items() if math.isfinite(v)}
+            report.update({k: v for k, v in evaluations.get(step, {}).items() if math.isfinite(v)})
+            report.update({"step": step, **{f"hp/{k}": v for k, v in in_force.items()}})
+            report["node_id"] = node_id
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    callbacks = Callbacks(
+        on_metrics=on_metrics,
+        on_evaluation=on_evaluation,
+        on_checkpoint=on_checkpoint,
+        on_teacher_evaluation=on_teacher,
+    )
+    try:
+        result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+    except BaseException:
+        finish_run(client, run_id, "FAILED")
+        raise
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "state_dict.pt"
+        torch.save(result.model_state, weights)
+        log_artifact_file(client, run_id, weights, "model")
+    log_json_artifact(client, run_id, result.detections, "coco/detections_val.json")
+    log_json_artifact(client, run_id, result.metrics, "coco/metrics_val.json")
+    finish_run(client, run_id, "FINISHED")
