@@ -109,6 +109,7 @@ def resolve_teacher_weights(spec: JobSpec, teacher_uri: str | None, client: Any)
 
 def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict[str, Any]) -> None:
     """Train one trial; reports metrics and a checkpoint at every evaluation."""
+    import ray
     import torch
     from ray import tune
 
@@ -123,8 +124,6 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
         make_client,
         open_trial_run,
     )
-
-    import ray
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()

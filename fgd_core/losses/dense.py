@@ -5,14 +5,36 @@ All four terms of FGD_SPEC.md (steps 2-6) are written through these reductions, 
 
     E[b, n]  = sum_c a[b, c] D[b, c, n]^2          (focal, per cell)
     L_fg     = sum M_fg * s * E / B,  L_bg = sum M_bg * s * E / B
-    Q[b, c]  = sum_n D[b, c, n]^2,  Dsum = sum_n D
+    Q[b, n]  = sum_c D[b, c, n]^2,  Dsum[b, c] = sum_n D[b, c, n]
     L_global = sum_{b,c,n} (D + v[b, c])^2 / B
              = (sum Q + 2 sum v * Dsum + N sum v^2) / B
 
 since each GcBlock adds one vector per image and channel (`v = add_s(ctx_S) - add_t(ctx_T)`).
-The passes over full-size tensors are counted and kept few: one custom autograd function holds
-every dense use of the student feature, so its gradient is written once, in a few fused passes,
-instead of being summed from separate branches.
+
+One custom autograd function (`_DenseLevel`) holds every full-size use of both features, so the
+student's gradient is written once instead of being summed from separate branches:
+
+    dL/dS = g_Dsum[b, c] + g_ctx[b, c] p[b, n] + w[c] g_logit[b, n]      (rank 3)
+          + 2 D (a[b, c] g_E[b, n] + g_Q[b, n])
+          + sign(S) (g_chan[b, c] + g_cell[b, n])
+
+where `p` is the student GcBlock's softmax over cells, `w` its logit conv and `g_logit` the
+gradient of its logits.
+
+Blocks. On the CPU the features are read in blocks of about `_BLOCK_ELEMENTS` (a few channel rows
+of one image, or several whole images when images are small), so that the handful of ops done on
+a block run on data held in the L2 cache instead of streaming every op through memory; each op
+on a block is a batched matrix op over the block's images. Reductions over cells finish inside
+a block, reductions over channels accumulate across blocks. Passes over the features, per level:
+
+    forward   1. |T| and |S| summed over cells and over channels; both context logits
+              2. (needs A_C(T) and both context softmaxes, from pass 1)
+                 D^2 summed over channels against A_C(T) and 1 (E and Q); each feature
+                 summed over cells against its context softmax and 1 (contexts and Dsum)
+    backward  1. the per-cell projections g_ctx . S and g_ctx . T of the context gradients
+              2. the student gradient, written once, and the logit-conv weight gradients
+
+Block temporaries live in a reused workspace. On CUDA one block is the whole batch.
 """
 
 from __future__ import annotations
@@ -22,6 +44,10 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from fgd_core.losses.gcblock import ContextBlock
+
+# Elements of one block on the CPU (256 KB of float32): the few block-size tensors that one
+# step touches fit in a 2 MB L2 cache.
+_BLOCK_ELEMENTS = 1 << 16
 
 
 def attention_from_sums(
@@ -44,49 +70,106 @@ def attention_from_sums(
     return spatial, channel
 
 
-def _context_probs(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """softmax over cells of the GcBlock's per-cell logits. x (B, C, N) -> (B, N)."""
-    B, C, _ = x.shape
-    logits = torch.bmm(weight.reshape(1, 1, C).expand(B, 1, C), x)[:, 0] + bias
-    return torch.softmax(logits, dim=-1)
-
-
-def _weighted_cell_sum(x: Tensor, weights: Tensor) -> Tensor:
-    """sum_n x[b, c, n] weights[b, n] -> (B, C); one matrix-vector product per image."""
-    return torch.stack([torch.mv(x[i], weights[i]) for i in range(x.shape[0])])
-
-
 class _Workspace:
-    """Reusable scratch buffers for full-size temporaries on the CPU.
+    """Reusable scratch buffers for block temporaries on the CPU.
 
-    A fresh 30 MB tensor costs more in page faults than the arithmetic done in it, so the
-    temporaries of the dense passes live in a few buffers that grow to the largest level and
-    are reused. Nothing that outlives a call (outputs, tensors saved for backward) is taken from
-    here. CUDA's caching allocator already reuses memory, so there every buffer is fresh.
+    A fresh buffer costs page faults, so the temporaries of the dense passes live in a few
+    buffers that grow to the largest block and are reused. Nothing that outlives a call
+    (outputs, tensors saved for backward, gradients) is taken from here. CUDA's caching
+    allocator already reuses memory, so there every buffer is fresh.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
-    def get(self, slot: str, like: Tensor) -> Tensor:
+    def get(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised contiguous `shape` buffer with `like`'s dtype and device."""
         if like.device.type != "cpu":
-            return torch.empty_like(like, memory_format=torch.contiguous_format)
+            return like.new_empty(shape)
+        numel = 1
+        for size in shape:
+            numel *= size
         key = (slot, like.device, like.dtype)
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            buf = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[key] = buf
-        return buf[: like.numel()].view(like.shape)
+        return buf[:numel].view(shape)
 
 
 _WORKSPACE = _Workspace()
 
 
-class _StudentDense(torch.autograd.Function):
-    """All full-size work on the student feature in one node.
+class _Blocks:
+    """A cut of a (B, C, N) feature into blocks of `images` images and `rows` channels.
 
-    Outputs (all small): E (B, N), Q (B, C), cell |S| sum (B, N), channel |S| sum (B, C),
-    student context (B, C), and the sum over cells of D (B, C).
+    Either `rows == C` (whole images, `images` of them per block) or `images == 1` (a run of
+    channel rows of one image). Blocks are listed image by image, channel runs in order.
+    """
+
+    def __init__(self, B: int, C: int, N: int, device: torch.device) -> None:
+        if device.type != "cpu":
+            images, rows = B, C
+        elif C * N <= _BLOCK_ELEMENTS:
+            images, rows = min(B, _BLOCK_ELEMENTS // (C * N)), C
+        else:
+            per_image = -(-C * N // _BLOCK_ELEMENTS)
+            images, rows = 1, -(-C // per_image)
+        self.B, self.C, self.N = B, C, N
+        self.images, self.rows = images, rows
+        self.runs = -(-C // rows)  # blocks per image (1 for whole images)
+
+    def channels(self, x: Tensor, dim: int = 1) -> list[Tensor]:
+        """Views of x (B, ..., C at `dim`, ...) per block: (k, ..., m, ...)."""
+        if self.rows == self.C:
+            return list(x.split(self.images))
+        return [part for i in range(self.B) for part in x[i : i + 1].split(self.rows, dim=dim)]
+
+    def images_of(self, x: Tensor) -> list[Tensor]:
+        """Views of x (B, ...) per block: the block's images (k, ...)."""
+        if self.rows == self.C:
+            return list(x.split(self.images))
+        return [x[i : i + 1] for i in range(self.B) for _ in range(self.runs)]
+
+    def scratch(self, slot: str, like: Tensor) -> list[Tensor]:
+        """Per block, a workspace buffer of the block's shape (k, m, N)."""
+        full = _WORKSPACE.get(slot, (self.images, self.rows, self.N), like)
+        views: dict[tuple[int, int], Tensor] = {}
+        out = []
+        for block in self.channels(like):
+            k, m = block.shape[0], block.shape[1]
+            if (k, m) not in views:
+                views[k, m] = full[:k, :m]
+            out.append(views[k, m])
+        return out
+
+
+def _squared_difference(s: Tensor, t: Tensor, out: Tensor) -> Tensor:
+    """out = (s - t)^2 in one pass (the unreduced MSE kernel)."""
+    return torch.ops.aten.mse_loss.out(s, t, 0, out=out)  # reduction 0: none
+
+
+def _twice_difference_times(g: Tensor, s: Tensor, t: Tensor, out: Tensor) -> Tensor:
+    """out = 2 (s - t) g in one pass (the unreduced MSE gradient kernel)."""
+    return torch.ops.aten.mse_loss_backward.grad_input(g, s, t, 0, grad_input=out)
+
+
+def _softmax_scaled_grad(y: Tensor, g_y: Tensor, scale: float) -> Tensor:
+    """Gradient through y = K softmax(x * scale) over the last dim (K its size): from dL/dy."""
+    K = y.shape[-1]
+    return y * (g_y - (y * g_y).sum(dim=-1, keepdim=True) / K) * scale
+
+
+class _DenseLevel(torch.autograd.Function):
+    """Every full-size computation of one level, and the terms built from its sums.
+
+    Inputs: s, t (B, C, N) contiguous; the GcBlock logit convs as weight (C,) and bias (1,), for
+    the student and the teacher; the masks fg, bg (B, N); temp. Neither the teacher feature nor
+    the masks get a gradient.
+
+    Outputs: L_fg, L_bg, L_at (scalars, divided by B); the student and teacher contexts (B, C);
+    Dsum (B, C); sum Q (scalar). The global term is finished by the caller, through the GcBlock
+    transforms (module docstring).
     """
 
     @staticmethod
@@ -94,93 +177,194 @@ class _StudentDense(torch.autograd.Function):
         ctx: FunctionCtx,
         s: Tensor,
         t: Tensor,
-        teacher_channel_att: Tensor,
-        ctx_weight: Tensor,
-        ctx_bias: Tensor,
+        s_weight: Tensor,
+        s_bias: Tensor,
+        t_weight: Tensor,
+        t_bias: Tensor,
+        fg: Tensor,
+        bg: Tensor,
+        temp: float,
     ) -> tuple[Tensor, ...]:
-        # s, t: (B, C, N); teacher_channel_att: (B, C); ctx_weight: (C,), ctx_bias: (1,)
-        d = torch.sub(s, t, out=_WORKSPACE.get("a", s))  # (B, C, N)
-        d_sum = d.sum(dim=2)  # (B, C)
-        d2 = torch.mul(d, d, out=_WORKSPACE.get("b", s))
-        e = torch.bmm(teacher_channel_att[:, None, :], d2)[:, 0]  # (B, N)
-        q = d2.sum(dim=2)  # (B, C)
-        abs_s = torch.abs(s, out=d2)
-        cell_abs = torch.bmm(torch.ones_like(teacher_channel_att[:, None, :]), abs_s)[:, 0]
-        chan_abs = abs_s.sum(dim=2)  # (B, C)
-        p = _context_probs(s, ctx_weight, ctx_bias)  # (B, N)
-        context = _weighted_cell_sum(s, p)  # (B, C)
-        ctx.save_for_backward(s, t, teacher_channel_att, ctx_weight, p)
-        return e, q, cell_abs, chan_abs, context, d_sum
+        B, C, N = s.shape
+        blocks = _Blocks(B, C, N, s.device)
+        s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)  # (k, m, N) each
+        scratch = blocks.scratch("a", s)
+
+        # Pass 1: |T| and |S| summed over cells (per channel) and over channels (per cell),
+        # and the context logits w . F per cell.
+        t_chan, s_chan = s.new_empty(B, C), s.new_empty(B, C)
+        t_cell, s_cell = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
+        t_logit, s_logit = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
+        ones = s.new_ones(1, 1, C).expand(B, 1, C)
+        for sb, tb, buf, ones_b, sw, tw, s_chan_b, t_chan_b, s_cell_b, t_cell_b, sl, tl in zip(
+            s_blocks,
+            t_blocks,
+            scratch,
+            blocks.channels(ones, dim=2),  # (k, 1, m)
+            blocks.channels(s_weight.expand(B, 1, C), dim=2),
+            blocks.channels(t_weight.expand(B, 1, C), dim=2),
+            blocks.channels(s_chan),  # (k, m)
+            blocks.channels(t_chan),
+            blocks.images_of(s_cell),  # (k, 1, N)
+            blocks.images_of(t_cell),
+            blocks.images_of(s_logit),
+            blocks.images_of(t_logit),
+        ):
+            abs_t = torch.abs(tb, out=buf)
+            torch.sum(abs_t, dim=2, out=t_chan_b)
+            t_cell_b.baddbmm_(ones_b, abs_t)
+            tl.baddbmm_(tw, tb)
+            abs_s = torch.abs(sb, out=buf)
+            torch.sum(abs_s, dim=2, out=s_chan_b)
+            s_cell_b.baddbmm_(ones_b, abs_s)
+            sl.baddbmm_(sw, sb)
+        t_spatial, t_channel = attention_from_sums(t_cell[:, 0], t_chan, temp)
+        s_spatial, s_channel = attention_from_sums(s_cell[:, 0], s_chan, temp)
+        s_prob = torch.softmax(s_logit[:, 0] + s_bias, dim=1)  # (B, N)
+        t_prob = torch.softmax(t_logit[:, 0] + t_bias, dim=1)
+
+        # Pass 2: D^2 against [a, 1] over channels (E and Q); each feature against [p, 1] over
+        # cells (its context and its plain sum; Dsum is the difference of the plain sums).
+        eq = s.new_zeros(B, 2, N)  # E and Q per cell
+        a_one = torch.stack((t_channel, torch.ones_like(t_channel)), dim=1)  # (B, 2, C)
+        # (B, N, 2) as a transposed view: MKL is much slower on a contiguous (N, 2) operand.
+        s_p_one = torch.stack((s_prob, torch.ones_like(s_prob)), dim=1).transpose(1, 2)
+        t_p_one = torch.stack((t_prob, torch.ones_like(t_prob)), dim=1).transpose(1, 2)
+        s_sums, t_sums = s.new_empty(B, C, 2), s.new_empty(B, C, 2)  # context, plain sum
+        for sb, tb, buf, a_one_b, eq_b, s_p_b, t_p_b, s_sums_b, t_sums_b in zip(
+            s_blocks,
+            t_blocks,
+            scratch,
+            blocks.channels(a_one, dim=2),  # (k, 2, m)
+            blocks.images_of(eq),  # (k, 2, N)
+            blocks.images_of(s_p_one),  # (k, N, 2)
+            blocks.images_of(t_p_one),
+            blocks.channels(s_sums),  # (k, m, 2)
+            blocks.channels(t_sums),
+        ):
+            eq_b.baddbmm_(a_one_b, _squared_difference(sb, tb, out=buf))
+            torch.bmm(sb, s_p_b, out=s_sums_b)
+            torch.bmm(tb, t_p_b, out=t_sums_b)
+        s_ctx, t_ctx = s_sums[..., 0].contiguous(), t_sums[..., 0].contiguous()
+        d_sum = s_sums[..., 1] - t_sums[..., 1]
+
+        # The terms: focal (teacher-weighted E under each mask), attention, sum of Q.
+        focal = t_spatial * eq[:, 0]  # (B, N)
+        loss_fg = (fg * focal).sum() / B
+        loss_bg = (bg * focal).sum() / B
+        chan_diff, cell_diff = s_channel - t_channel, s_spatial - t_spatial
+        loss_at = (chan_diff.abs().sum() + cell_diff.abs().sum()) / B
+        q_sum = eq[:, 1].sum()
+
+        ctx.save_for_backward(
+            s, t, s_weight, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, t_channel
+        )
+        ctx.attention = (s_channel, s_spatial, chan_diff.sign(), cell_diff.sign())  # type: ignore[attr-defined]
+        ctx.temp = temp  # type: ignore[attr-defined]
+        return loss_fg, loss_bg, loss_at, s_ctx, t_ctx, d_sum, q_sum
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: FunctionCtx,
-        g_e: Tensor,
-        g_q: Tensor,
-        g_cell_abs: Tensor,
-        g_chan_abs: Tensor,
-        g_context: Tensor,
-        g_dsum: Tensor,
+        g_fg: Tensor | None,
+        g_bg: Tensor | None,
+        g_at: Tensor | None,
+        g_s_ctx: Tensor | None,
+        g_t_ctx: Tensor | None,
+        g_dsum: Tensor | None,
+        g_q: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        s, t, a, w, p = ctx.saved_tensors  # type: ignore[attr-defined]
+        s, t, w, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, a = ctx.saved_tensors  # type: ignore[attr-defined]
+        s_channel, s_spatial, chan_sign, cell_sign = ctx.attention  # type: ignore[attr-defined]
+        temp = ctx.temp  # type: ignore[attr-defined]
+        need_s, _, need_sw, need_sb, need_tw, need_tb = ctx.needs_input_grad[:6]  # type: ignore[attr-defined]
+        need_t = need_tw or need_tb
         B, C, N = s.shape
-        g_e = s.new_zeros(B, N) if g_e is None else g_e
-        g_q = s.new_zeros(B, C) if g_q is None else g_q
-        g_cell_abs = s.new_zeros(B, N) if g_cell_abs is None else g_cell_abs
-        g_chan_abs = s.new_zeros(B, C) if g_chan_abs is None else g_chan_abs
-        g_context = s.new_zeros(B, C) if g_context is None else g_context
+        zero = s.new_zeros(())
+        g_fg = zero if g_fg is None else g_fg
+        g_bg = zero if g_bg is None else g_bg
+        g_at = zero if g_at is None else g_at
+        g_q = zero if g_q is None else g_q
+        g_s_ctx = s.new_zeros(B, C) if g_s_ctx is None else g_s_ctx
+        g_t_ctx = s.new_zeros(B, C) if g_t_ctx is None else g_t_ctx
         g_dsum = s.new_zeros(B, C) if g_dsum is None else g_dsum
-        # Context: ctx[b, c] = sum_n s[b, c, n] p[b, n], p = softmax(w . s + bias).
-        u = torch.bmm(g_context[:, None, :], s)[:, 0]  # (B, N) = d loss / d p
-        g_logits = p * (u - (p * u).sum(dim=1, keepdim=True))  # (B, N)
-        g_w = _weighted_cell_sum(s, g_logits).sum(dim=0)  # (C,)
-        g_bias = g_logits.sum().reshape(1)
-        # Every rank-one part of d loss / d s in one write: g_dsum + g_ctx p^T + w g_logits^T.
-        left = torch.stack((g_dsum, g_context, w.expand(B, C)), dim=2)  # (B, C, 3)
-        right = torch.stack((torch.ones_like(p), p, g_logits), dim=1)  # (B, 3, N)
-        grad = torch.bmm(left, right)  # (B, C, N)
-        # Squared-difference parts: 2 d (a[b, c] g_e[b, n] + g_q[b, c]), d recomputed.
-        d = torch.sub(s, t, out=_WORKSPACE.get("a", s))
-        m = torch.baddbmm(
-            g_q[:, :, None], a[:, :, None], g_e[:, None, :], out=_WORKSPACE.get("b", s)
+
+        # Gradients of the small sums: E and Q per cell, |S| per channel and per cell.
+        g_e = (g_fg * fg + g_bg * bg) * t_spatial / B  # (B, N)
+        g_q_cell = (g_q * torch.ones_like(t_spatial)).expand(B, N)  # (B, N)
+        g_chan = _softmax_scaled_grad(s_channel, chan_sign * (g_at / B), 1.0 / (N * temp))
+        g_cell = _softmax_scaled_grad(s_spatial, cell_sign * (g_at / B), 1.0 / (C * temp))
+
+        blocks = _Blocks(B, C, N, s.device)
+        s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)
+
+        # Pass 1. A context ctx[b, c] = sum_n x[b, c, n] p[b, n] with p = softmax(w . x + bias)
+        # has the logit gradient p (u - p . u), u = g_ctx . x per cell, and p . u = g_ctx . ctx.
+        s_u, t_u = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
+        for sb, tb, gs, gt, su, tu in zip(
+            s_blocks,
+            t_blocks,
+            blocks.channels(g_s_ctx[:, None], dim=2),  # (k, 1, m)
+            blocks.channels(g_t_ctx[:, None], dim=2),
+            blocks.images_of(s_u),  # (k, 1, N)
+            blocks.images_of(t_u),
+        ):
+            su.baddbmm_(gs, sb)
+            if need_t:
+                tu.baddbmm_(gt, tb)
+        s_logit_grad = s_prob * (s_u[:, 0] - (g_s_ctx * s_ctx).sum(1, keepdim=True))  # (B, N)
+        t_logit_grad = t_prob * (t_u[:, 0] - (g_t_ctx * t_ctx).sum(1, keepdim=True))
+
+        # Pass 2: the student gradient block by block (module docstring), and the logit-conv
+        # weight gradients sum_n x[b, c, n] g_logit[b, n].
+        grad = torch.empty_like(s) if need_s else None
+        s_w_grad, t_w_grad = s.new_zeros(B, C, 1), s.new_zeros(B, C, 1)
+        ones_bn, ones_bc = torch.ones_like(s_prob), torch.ones_like(a)
+        low_l = torch.stack((g_dsum, g_s_ctx, w.expand(B, C)), dim=2)  # (B, C, 3)
+        low_r = torch.stack((ones_bn, s_prob, s_logit_grad), dim=1)  # (B, 3, N)
+        sq_l = torch.stack((a, ones_bc), dim=2)  # (B, C, 2)
+        sq_r = torch.stack((g_e, g_q_cell), dim=1)  # (B, 2, N)
+        abs_l = torch.stack((g_chan, ones_bc), dim=2)  # (B, C, 2)
+        abs_r = torch.stack((ones_bn, g_cell), dim=1)  # (B, 2, N)
+        grad_blocks = blocks.channels(grad) if grad is not None else [None] * len(s_blocks)
+        for sb, tb, buf, mult, gb, s_wg, t_wg, s_lg, t_lg, *factors in zip(
+            s_blocks,
+            t_blocks,
+            blocks.scratch("a", s),
+            blocks.scratch("b", s),
+            grad_blocks,
+            blocks.channels(s_w_grad),  # (k, m, 1)
+            blocks.channels(t_w_grad),
+            blocks.images_of(s_logit_grad[:, :, None]),  # (k, N, 1)
+            blocks.images_of(t_logit_grad[:, :, None]),
+            blocks.channels(low_l),  # (k, m, 3)
+            blocks.images_of(low_r),  # (k, 3, N)
+            blocks.channels(sq_l),  # (k, m, 2)
+            blocks.images_of(sq_r),  # (k, 2, N)
+            blocks.channels(abs_l),
+            blocks.images_of(abs_r),
+        ):
+            low_lb, low_rb, sq_lb, sq_rb, abs_lb, abs_rb = factors
+            torch.bmm(sb, s_lg, out=s_wg)
+            if need_t:
+                torch.bmm(tb, t_lg, out=t_wg)
+            if gb is None:
+                continue
+            # 2 D (a g_E + g_Q), plus the rank-3 part, plus sign(S) (g_chan + g_cell).
+            _twice_difference_times(torch.bmm(sq_lb, sq_rb, out=mult), sb, tb, out=gb)
+            gb.baddbmm_(low_lb, low_rb)
+            gb.addcmul_(torch.sign(sb, out=buf), torch.bmm(abs_lb, abs_rb, out=mult))
+        return (
+            grad,
+            None,
+            s_w_grad.sum(dim=(0, 2)) if need_sw else None,
+            s_logit_grad.sum().reshape(1) if need_sb else None,
+            t_w_grad.sum(dim=(0, 2)) if need_tw else None,
+            t_logit_grad.sum().reshape(1) if need_tb else None,
+            None,
+            None,
+            None,
         )
-        grad.addcmul_(m, d, value=2.0)
-        # |s| parts: sign(s) (g_cell_abs[b, n] + g_chan_abs[b, c]).
-        torch.add(g_chan_abs[:, :, None], g_cell_abs[:, None, :], out=m)
-        grad.addcmul_(torch.sign(s, out=d), m)
-        return grad, None, None, g_w, g_bias
-
-
-class _TeacherDense(torch.autograd.Function):
-    """Full-size work on the teacher feature: |T| sums and the teacher-side GcBlock context.
-
-    The teacher feature never receives a gradient; the GcBlock's logit conv does.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, t: Tensor, ctx_weight: Tensor, ctx_bias: Tensor
-    ) -> tuple[Tensor, ...]:
-        abs_t = torch.abs(t, out=_WORKSPACE.get("a", t))
-        cell_abs = torch.bmm(abs_t.new_ones(t.shape[0], 1, t.shape[1]), abs_t)[:, 0]  # (B, N)
-        chan_abs = abs_t.sum(dim=2)  # (B, C)
-        p = _context_probs(t, ctx_weight, ctx_bias)
-        context = _weighted_cell_sum(t, p)  # (B, C)
-        ctx.save_for_backward(t, p)
-        ctx.mark_non_differentiable(cell_abs, chan_abs)
-        return cell_abs, chan_abs, context
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, _g_cell: Tensor, _g_chan: Tensor, g_context: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        t, p = ctx.saved_tensors  # type: ignore[attr-defined]
-        if g_context is None:
-            return None, None, None
-        u = torch.bmm(g_context[:, None, :], t)[:, 0]  # (B, N)
-        g_logits = p * (u - (p * u).sum(dim=1, keepdim=True))
-        g_w = _weighted_cell_sum(t, g_logits).sum(dim=0)
-        return None, g_w, g_logits.sum().reshape(1)
 
 
 def dense_terms(
@@ -206,21 +390,15 @@ def dense_terms(
     """
     B, C, H, W = t.shape
     N = H * W
-    s3 = s.reshape(B, C, N)
-    t3 = t.reshape(B, C, N)
-    tw = teacher_context.conv_mask.weight.reshape(C).float()
-    tb = teacher_context.conv_mask.bias.float()
-    t_cell, t_chan, t_context = _TeacherDense.apply(t3, tw, tb)
-    with torch.no_grad():
-        t_spatial, t_channel = attention_from_sums(t_cell, t_chan, temp)
+    s3 = s.reshape(B, C, N).contiguous()
+    t3 = t.reshape(B, C, N).contiguous()
     sw = student_context.conv_mask.weight.reshape(C).float()
     sb = student_context.conv_mask.bias.float()
-    e, q, s_cell, s_chan, s_context, d_sum = _StudentDense.apply(s3, t3, t_channel, sw, sb)
-    s_spatial, s_channel = attention_from_sums(s_cell, s_chan, temp)
-    focal = t_spatial * e  # (B, N)
-    loss_fg = (fg.reshape(B, N) * focal).sum() / B
-    loss_bg = (bg.reshape(B, N) * focal).sum() / B
-    loss_at = ((s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()) / B
+    tw = teacher_context.conv_mask.weight.reshape(C).float()
+    tb = teacher_context.conv_mask.bias.float()
+    loss_fg, loss_bg, loss_at, s_context, t_context, d_sum, q_sum = _DenseLevel.apply(
+        s3, t3, sw, sb, tw, tb, fg.reshape(B, N), bg.reshape(B, N), temp
+    )
     v = student_context.transform(s_context) - teacher_context.transform(t_context)  # (B, C)
-    loss_global = (q.sum() + 2.0 * (v * d_sum).sum() + N * (v * v).sum()) / B
+    loss_global = (q_sum + 2.0 * (v * d_sum).sum() + N * (v * v).sum()) / B
     return {"fg": loss_fg, "bg": loss_bg, "attention": loss_at, "global": loss_global}
