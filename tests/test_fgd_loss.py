@@ -84,6 +84,44 @@ def test_matches_loop_reference(hw, box_frame):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("block_elements", [7, 40, 200, 250, 1 << 16])
+def test_blocked_passes_match_loop_reference(block_elements, monkeypatch):
+    # On the CPU the dense passes walk the features in blocks (runs of channel rows of one
+    # image, including a shorter last run, or several whole images); every cut gives the same
+    # values and gradients as the loop form.
+    import fgd_core.losses.dense as dense
+
+    for name in ("_FORWARD1_ELEMENTS", "_FORWARD2_ELEMENTS", "_BACKWARD_ELEMENTS"):
+        monkeypatch.setattr(dense, name, block_elements)
+    g = torch.Generator().manual_seed(11)
+    H, W = 3, 5
+    input_hw = (H * 8, W * 8)
+    loss = make_loss(8, 7)
+    perturb_contexts(loss)
+    s = torch.randn(3, 8, H, W, generator=g, requires_grad=True)
+    t = 2 * torch.randn(3, 7, H, W, generator=g)
+    boxes = [random_boxes(g, 2, input_hw), torch.zeros(0, 4), random_boxes(g, 3, input_hw)]
+    raw = loss.unweighted(s, t, boxes, input_hw)
+    ref = reference_fgd_level(
+        s,
+        t,
+        boxes,
+        input_hw,
+        None,
+        temp=0.5,
+        align=loss.align,
+        student_context=loss.student_context,
+        teacher_context=loss.teacher_context,
+    )
+    for key in raw:
+        assert raw[key].item() == pytest.approx(ref[key].item(), rel=1e-5), key
+    params = [s, *[p for n, p in loss.named_parameters() if not n.endswith("conv_mask.bias")]]
+    ours = torch.autograd.grad(sum(raw.values()), params)
+    theirs = torch.autograd.grad(sum(ref.values()), params)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
 def test_weighted_keys_and_changeable_hparams():
     g = torch.Generator().manual_seed(2)
     loss = make_loss()

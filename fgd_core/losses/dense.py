@@ -11,30 +11,36 @@ All four terms of FGD_SPEC.md (steps 2-6) are written through these reductions, 
 
 since each GcBlock adds one vector per image and channel (`v = add_s(ctx_S) - add_t(ctx_T)`).
 
-One custom autograd function (`_DenseLevel`) holds every full-size use of both features, so the
-student's gradient is written once instead of being summed from separate branches:
+One custom autograd function (`_DenseLevel`) holds every full-size use of both features and the
+terms built from their sums (L_fg, L_bg, L_at, with hand-written gradients; the caller finishes
+L_global through the GcBlock transforms), so the student's gradient is written once:
 
     dL/dS = g_Dsum[b, c] + g_ctx[b, c] p[b, n] + w[c] g_logit[b, n]      (rank 3)
           + 2 D (a[b, c] g_E[b, n] + g_Q[b, n])
           + sign(S) (g_chan[b, c] + g_cell[b, n])
 
 where `p` is the student GcBlock's softmax over cells, `w` its logit conv and `g_logit` the
-gradient of its logits.
+gradient of its logits. Dsum is taken as sum_n S - sum_n T (both come with the contexts); its
+rounding is that of the loop form's own sum of (S + v_s - T - v_t)^2.
 
-Blocks. On the CPU the features are read in blocks of about `_BLOCK_ELEMENTS` (a few channel rows
-of one image, or several whole images when images are small), so that the handful of ops done on
-a block run on data held in the L2 cache instead of streaming every op through memory; each op
-on a block is a batched matrix op over the block's images. Reductions over cells finish inside
-a block, reductions over channels accumulate across blocks. Passes over the features, per level:
+Blocks. On the CPU the features are read in blocks of 64K-128K elements (a few channel rows of
+one image, or whole images when images are small), so that the handful of ops done on a block
+run on data held in the L2 cache instead of streaming every op through memory (an op on an
+L2-resident block is several times faster per byte; each op also costs a few microseconds of
+dispatch, hence blocks of this size and few ops per block). Each op on a block is one batched
+op over the block's images. Reductions over cells finish inside a block, reductions over
+channels accumulate across blocks. Passes over the features, per level:
 
     forward   1. |T| and |S| summed over cells and over channels; both context logits
               2. (needs A_C(T) and both context softmaxes, from pass 1)
-                 D^2 summed over channels against A_C(T) and 1 (E and Q); each feature
-                 summed over cells against its context softmax and 1 (contexts and Dsum)
-    backward  1. the per-cell projections g_ctx . S and g_ctx . T of the context gradients
-              2. the student gradient, written once, and the logit-conv weight gradients
+                 D^2 (one fused kernel) summed over channels against A_C(T) and 1 (E, Q);
+                 each feature summed over cells against its context softmax and 1
+    backward  1. the per-cell projections g_ctx . S and g_ctx . T (one batched product each)
+              2. per block: 2 D M (one fused kernel), the rank-3 part, sign(S) M', and the
+                 logit-conv weight gradients
 
-Block temporaries live in a reused workspace. On CUDA one block is the whole batch.
+Block temporaries live in a reused workspace (shared by all calls, so not thread-safe). On
+CUDA one block is the whole batch.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ from torch.autograd.function import FunctionCtx
 
 from fgd_core.losses.gcblock import ContextBlock
 
-# Elements of one block on the CPU (256 KB of float32): the few block-size tensors that one
-# step touches fit in a 2 MB L2 cache.
-_BLOCK_ELEMENTS = 1 << 16
+# Elements of one block on the CPU, per pass: the few block-size tensors that one step of a
+# pass touches (inputs, scratch, gradient) should fit in a 2 MB L2 cache.
+_FORWARD1_ELEMENTS = 1 << 16  # 256 KB of float32; pass 1 touches 4 block-size tensors
+_FORWARD2_ELEMENTS = 1 << 17  # pass 2 touches 3
+_BACKWARD_ELEMENTS = 1 << 16  # pass 2 touches 5
 
 
 def attention_from_sums(
@@ -101,38 +109,46 @@ _WORKSPACE = _Workspace()
 
 
 class _Blocks:
-    """A cut of a (B, C, N) feature into blocks of `images` images and `rows` channels.
+    """A cut of a (B, C, N) feature into blocks of about `elements` elements per thread.
 
-    Either `rows == C` (whole images, `images` of them per block) or `images == 1` (a run of
-    channel rows of one image). Blocks are listed image by image, channel runs in order.
+    A block is either `images` whole images (when an image is small) or a run of `rows` channel
+    rows of one image. Blocks are listed image by image, channel runs in order. With several
+    intra-op threads a block holds `elements` per thread (each thread's share stays in its own
+    L2, and there are fewer parallel regions). On CUDA the whole batch is one block.
     """
 
-    def __init__(self, B: int, C: int, N: int, device: torch.device) -> None:
-        if device.type != "cpu":
+    def __init__(self, B: int, C: int, N: int, device: torch.device, elements: int) -> None:
+        elements *= torch.get_num_threads()
+        if device.type != "cpu" or elements >= B * C * N:
             images, rows = B, C
-        elif C * N <= _BLOCK_ELEMENTS:
-            images, rows = min(B, _BLOCK_ELEMENTS // (C * N)), C
+        elif elements >= C * N:
+            images, rows = elements // (C * N), C
         else:
-            per_image = -(-C * N // _BLOCK_ELEMENTS)
-            images, rows = 1, -(-C // per_image)
+            runs = -(-C // max(1, elements // N))  # blocks per image
+            images, rows = 1, -(-C // runs)
         self.B, self.C, self.N = B, C, N
         self.images, self.rows = images, rows
-        self.runs = -(-C // rows)  # blocks per image (1 for whole images)
+        self.runs = -(-C // rows)
+        self.single = images == B and rows == C
 
     def channels(self, x: Tensor, dim: int = 1) -> list[Tensor]:
         """Views of x (B, ..., C at `dim`, ...) per block: (k, ..., m, ...)."""
+        if self.single:
+            return [x]
         if self.rows == self.C:
             return list(x.split(self.images))
         return [part for i in range(self.B) for part in x[i : i + 1].split(self.rows, dim=dim)]
 
     def images_of(self, x: Tensor) -> list[Tensor]:
         """Views of x (B, ...) per block: the block's images (k, ...)."""
+        if self.single:
+            return [x]
         if self.rows == self.C:
             return list(x.split(self.images))
         return [x[i : i + 1] for i in range(self.B) for _ in range(self.runs)]
 
     def scratch(self, slot: str, like: Tensor) -> list[Tensor]:
-        """Per block, a workspace buffer of the block's shape (k, m, N)."""
+        """Per block, a workspace buffer (k, m, N) of the block's shape."""
         full = _WORKSPACE.get(slot, (self.images, self.rows, self.N), like)
         views: dict[tuple[int, int], Tensor] = {}
         out = []
@@ -140,6 +156,24 @@ class _Blocks:
             k, m = block.shape[0], block.shape[1]
             if (k, m) not in views:
                 views[k, m] = full[:k, :m]
+            out.append(views[k, m])
+        return out
+
+    def pair_scratch(self, slot: str, like: Tensor) -> list[tuple[Tensor, ...]]:
+        """Per block, a workspace buffer for two stacked (k, m, N) blocks, as views: the first,
+        the second, both as (k, 2, m, N) and as (k, 2m, N), and the (k, 2, 2m) matrix that sums
+        each of the two over its rows."""
+        full = _WORKSPACE.get(slot, (self.images, 2, self.rows, self.N), like)
+        views: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+        out = []
+        for block in self.channels(like):
+            k, m = block.shape[0], block.shape[1]
+            if (k, m) not in views:
+                both = full[:k, :, :m] if m == self.rows else full.view(-1)[: k * 2 * m * self.N]
+                both = both.view(k, 2, m, self.N)
+                eye = torch.eye(2, dtype=like.dtype, device=like.device)
+                sums = eye.repeat_interleave(m, dim=1).expand(k, 2, 2 * m)
+                views[k, m] = (both[:, 0], both[:, 1], both, both.flatten(1, 2), sums)
             out.append(views[k, m])
         return out
 
@@ -186,61 +220,60 @@ class _DenseLevel(torch.autograd.Function):
         temp: float,
     ) -> tuple[Tensor, ...]:
         B, C, N = s.shape
-        blocks = _Blocks(B, C, N, s.device)
+        blocks = _Blocks(B, C, N, s.device, _FORWARD1_ELEMENTS)
         s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)  # (k, m, N) each
-        scratch = blocks.scratch("a", s)
 
-        # Pass 1: |T| and |S| summed over cells (per channel) and over channels (per cell),
-        # and the context logits w . F per cell.
-        t_chan, s_chan = s.new_empty(B, C), s.new_empty(B, C)
-        t_cell, s_cell = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
-        t_logit, s_logit = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
-        ones = s.new_ones(1, 1, C).expand(B, 1, C)
-        for sb, tb, buf, ones_b, sw, tw, s_chan_b, t_chan_b, s_cell_b, t_cell_b, sl, tl in zip(
-            s_blocks,
+        # Pass 1: |T| and |S| (stacked in one scratch block) summed over cells per channel and
+        # over channels per cell, and the context logits w . F per cell.
+        # Both features side by side, teacher first: index 0 is T, index 1 is S.
+        chan = s.new_empty(B, 2, C)  # sum over cells of |F|
+        cell = s.new_zeros(B, 2, N)  # sum over channels of |F|
+        logit = s.new_zeros(B, 2, N)  # context logits
+        for tb, sb, (abs_t, abs_s, both, both_rows, sums), tw, sw, chan_b, cell_b, tl, sl in zip(
             t_blocks,
-            scratch,
-            blocks.channels(ones, dim=2),  # (k, 1, m)
+            s_blocks,
+            blocks.pair_scratch("a", s),
+            blocks.channels(t_weight.expand(B, 1, C), dim=2),  # (k, 1, m)
             blocks.channels(s_weight.expand(B, 1, C), dim=2),
-            blocks.channels(t_weight.expand(B, 1, C), dim=2),
-            blocks.channels(s_chan),  # (k, m)
-            blocks.channels(t_chan),
-            blocks.images_of(s_cell),  # (k, 1, N)
-            blocks.images_of(t_cell),
-            blocks.images_of(s_logit),
-            blocks.images_of(t_logit),
+            blocks.channels(chan, dim=2),  # (k, 2, m)
+            blocks.images_of(cell),  # (k, 2, N)
+            blocks.images_of(logit[:, :1]),  # (k, 1, N)
+            blocks.images_of(logit[:, 1:]),
+            strict=True,
         ):
-            abs_t = torch.abs(tb, out=buf)
-            torch.sum(abs_t, dim=2, out=t_chan_b)
-            t_cell_b.baddbmm_(ones_b, abs_t)
+            torch.abs(tb, out=abs_t)
+            torch.abs(sb, out=abs_s)
+            torch.sum(both, dim=3, out=chan_b)
+            cell_b.baddbmm_(sums, both_rows)
             tl.baddbmm_(tw, tb)
-            abs_s = torch.abs(sb, out=buf)
-            torch.sum(abs_s, dim=2, out=s_chan_b)
-            s_cell_b.baddbmm_(ones_b, abs_s)
             sl.baddbmm_(sw, sb)
-        t_spatial, t_channel = attention_from_sums(t_cell[:, 0], t_chan, temp)
-        s_spatial, s_channel = attention_from_sums(s_cell[:, 0], s_chan, temp)
-        s_prob = torch.softmax(s_logit[:, 0] + s_bias, dim=1)  # (B, N)
-        t_prob = torch.softmax(t_logit[:, 0] + t_bias, dim=1)
+        # attention_from_sums for both features at once: A_S (B, 2, N), A_C (B, 2, C).
+        spatial = N * torch.softmax(cell / (C * temp), dim=2)
+        channel = C * torch.softmax(chan / (N * temp), dim=2)
+        prob = torch.softmax(logit + torch.stack((t_bias, s_bias)), dim=2)  # (B, 2, N)
+        t_spatial, t_channel = spatial[:, 0], channel[:, 0]
 
         # Pass 2: D^2 against [a, 1] over channels (E and Q); each feature against [p, 1] over
         # cells (its context and its plain sum; Dsum is the difference of the plain sums).
         eq = s.new_zeros(B, 2, N)  # E and Q per cell
         a_one = torch.stack((t_channel, torch.ones_like(t_channel)), dim=1)  # (B, 2, C)
-        # (B, N, 2) as a transposed view: MKL is much slower on a contiguous (N, 2) operand.
-        s_p_one = torch.stack((s_prob, torch.ones_like(s_prob)), dim=1).transpose(1, 2)
-        t_p_one = torch.stack((t_prob, torch.ones_like(t_prob)), dim=1).transpose(1, 2)
+        # (B, N, 2) as transposed views: MKL is much slower on a contiguous (N, 2) operand.
+        p_one = torch.stack((prob, torch.ones_like(prob)), dim=2)  # (B, 2, 2, N)
+        t_p_one, s_p_one = p_one[:, 0].transpose(1, 2), p_one[:, 1].transpose(1, 2)
         s_sums, t_sums = s.new_empty(B, C, 2), s.new_empty(B, C, 2)  # context, plain sum
+        blocks = _Blocks(B, C, N, s.device, _FORWARD2_ELEMENTS)
+        s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)
         for sb, tb, buf, a_one_b, eq_b, s_p_b, t_p_b, s_sums_b, t_sums_b in zip(
             s_blocks,
             t_blocks,
-            scratch,
+            blocks.scratch("a", s),  # (k, m, N)
             blocks.channels(a_one, dim=2),  # (k, 2, m)
             blocks.images_of(eq),  # (k, 2, N)
             blocks.images_of(s_p_one),  # (k, N, 2)
             blocks.images_of(t_p_one),
             blocks.channels(s_sums),  # (k, m, 2)
             blocks.channels(t_sums),
+            strict=True,
         ):
             eq_b.baddbmm_(a_one_b, _squared_difference(sb, tb, out=buf))
             torch.bmm(sb, s_p_b, out=s_sums_b)
@@ -252,14 +285,16 @@ class _DenseLevel(torch.autograd.Function):
         focal = t_spatial * eq[:, 0]  # (B, N)
         loss_fg = (fg * focal).sum() / B
         loss_bg = (bg * focal).sum() / B
-        chan_diff, cell_diff = s_channel - t_channel, s_spatial - t_spatial
+        chan_diff = channel[:, 1] - t_channel  # (B, C)
+        cell_diff = spatial[:, 1] - t_spatial  # (B, N)
         loss_at = (chan_diff.abs().sum() + cell_diff.abs().sum()) / B
         q_sum = eq[:, 1].sum()
 
+        s_prob, t_prob = prob[:, 1], prob[:, 0]
         ctx.save_for_backward(
-            s, t, s_weight, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, t_channel
+            *(s, t, s_weight, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, t_channel),
+            *(channel[:, 1], spatial[:, 1], chan_diff.sign(), cell_diff.sign()),
         )
-        ctx.attention = (s_channel, s_spatial, chan_diff.sign(), cell_diff.sign())  # type: ignore[attr-defined]
         ctx.temp = temp  # type: ignore[attr-defined]
         return loss_fg, loss_bg, loss_at, s_ctx, t_ctx, d_sum, q_sum
 
@@ -274,10 +309,12 @@ class _DenseLevel(torch.autograd.Function):
         g_dsum: Tensor | None,
         g_q: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        s, t, w, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, a = ctx.saved_tensors  # type: ignore[attr-defined]
-        s_channel, s_spatial, chan_sign, cell_sign = ctx.attention  # type: ignore[attr-defined]
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        s, t, w, fg, bg, s_prob, t_prob, s_ctx, t_ctx, t_spatial, a = saved[:11]
+        s_channel, s_spatial, chan_sign, cell_sign = saved[11:]
         temp = ctx.temp  # type: ignore[attr-defined]
-        need_s, _, need_sw, need_sb, need_tw, need_tb = ctx.needs_input_grad[:6]  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        need_s, need_sw, need_sb, need_tw, need_tb = needs[0], *needs[2:6]
         need_t = need_tw or need_tb
         B, C, N = s.shape
         zero = s.new_zeros(())
@@ -295,28 +332,18 @@ class _DenseLevel(torch.autograd.Function):
         g_chan = _softmax_scaled_grad(s_channel, chan_sign * (g_at / B), 1.0 / (N * temp))
         g_cell = _softmax_scaled_grad(s_spatial, cell_sign * (g_at / B), 1.0 / (C * temp))
 
-        blocks = _Blocks(B, C, N, s.device)
-        s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)
-
         # Pass 1. A context ctx[b, c] = sum_n x[b, c, n] p[b, n] with p = softmax(w . x + bias)
         # has the logit gradient p (u - p . u), u = g_ctx . x per cell, and p . u = g_ctx . ctx.
-        s_u, t_u = s.new_zeros(B, 1, N), s.new_zeros(B, 1, N)
-        for sb, tb, gs, gt, su, tu in zip(
-            s_blocks,
-            t_blocks,
-            blocks.channels(g_s_ctx[:, None], dim=2),  # (k, 1, m)
-            blocks.channels(g_t_ctx[:, None], dim=2),
-            blocks.images_of(s_u),  # (k, 1, N)
-            blocks.images_of(t_u),
-        ):
-            su.baddbmm_(gs, sb)
-            if need_t:
-                tu.baddbmm_(gt, tb)
+        # u is a plain streaming reduction, one batched product per feature.
+        s_u = torch.bmm(g_s_ctx[:, None], s)  # (B, 1, N)
+        t_u = torch.bmm(g_t_ctx[:, None], t) if need_t else torch.zeros_like(s_u)
         s_logit_grad = s_prob * (s_u[:, 0] - (g_s_ctx * s_ctx).sum(1, keepdim=True))  # (B, N)
         t_logit_grad = t_prob * (t_u[:, 0] - (g_t_ctx * t_ctx).sum(1, keepdim=True))
 
         # Pass 2: the student gradient block by block (module docstring), and the logit-conv
         # weight gradients sum_n x[b, c, n] g_logit[b, n].
+        blocks = _Blocks(B, C, N, s.device, _BACKWARD_ELEMENTS)
+        s_blocks, t_blocks = blocks.channels(s), blocks.channels(t)
         grad = torch.empty_like(s) if need_s else None
         s_w_grad, t_w_grad = s.new_zeros(B, C, 1), s.new_zeros(B, C, 1)
         ones_bn, ones_bc = torch.ones_like(s_prob), torch.ones_like(a)
@@ -343,6 +370,7 @@ class _DenseLevel(torch.autograd.Function):
             blocks.images_of(sq_r),  # (k, 2, N)
             blocks.channels(abs_l),
             blocks.images_of(abs_r),
+            strict=True,
         ):
             low_lb, low_rb, sq_lb, sq_rb, abs_lb, abs_rb = factors
             torch.bmm(sb, s_lg, out=s_wg)

@@ -1,0 +1,156 @@
+"""Benchmark: the cost of running trainings as a Ray Tune sweep logged to MLflow.
+
+Runs 8 trainings of about 20 s each (at one thread) three ways on this machine's CPUs:
+through Tune and MLflow with 2 concurrent trials, the same 8 trainings directly in a process
+pool of 2 workers, and through Tune with 1 concurrent trial. Prints the overhead ratio
+(Tune / pool, target <= 1.10) and the throughput of 2 concurrent trials against 1.
+
+    python benchmarks/sweep_overhead.py [--trials 8] [--iterations 40] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ALPHAS = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def job_dict(root: Path, iterations: int) -> dict[str, Any]:
+    model = {
+        "arch": "retinanet",
+        "backbone": "resnet18",
+        "fpn_channels": 32,
+        "min_size": 128,
+        "max_size": 128,
+    }
+    return {
+        "kind": "baseline",
+        "data": {
+            "shapes": {
+                "root": str(root / "shapes"),
+                "num_train": 256,
+                "num_val": 32,
+                "image_size": 128,
+                "seed": 0,
+            }
+        },
+        "model": model,
+        "train": {
+            "batch_size": 8,
+            "schedule": {"iterations": iterations, "warmup_iters": 5},
+            "eval_every": iterations,
+            "checkpoint_every": iterations,
+            "log_every": 10,
+            "eval_batch_size": 8,
+        },
+    }
+
+
+def direct_training(args: tuple[dict[str, Any], float]) -> float:
+    """One training in a pool worker, one torch thread, no Tune and no MLflow."""
+    job, alpha = args
+    import torch
+
+    from fgd_core.training.jobs import run_job
+    from workers.convert import job_config
+    from workers.spec import JobSpec
+
+    torch.set_num_threads(1)
+    spec = JobSpec.model_validate({**job, "fgd": {"alpha": alpha}})
+    t0 = time.perf_counter()
+    run_job(job_config(spec))
+    return time.perf_counter() - t0
+
+
+def run_pool(job: dict[str, Any], trials: int, workers: int) -> float:
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(direct_training, [(job, a) for a in ALPHAS[:trials]]))
+    return time.perf_counter() - t0
+
+
+def run_tune(
+    job: dict[str, Any], trials: int, concurrent: int, uri: str, storage: Path, name: str
+) -> float:
+    from workers.spec import JobSpec
+    from workers.sweep import run_sweep
+
+    sweep = {
+        "space": {"alpha": {"grid": ALPHAS[:trials]}},
+        "max_concurrent_trials": concurrent,
+        "resources": {"cpu": 1},
+    }
+    spec = JobSpec.model_validate({**job, "sweep": sweep})
+    t0 = time.perf_counter()
+    run_sweep(spec, name=name, tracking_uri=uri, storage_path=str(storage))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=40, help="steps per training")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    import ray
+
+    from workers.convert import resolve_data
+    from workers.spec import JobSpec
+    from workers.tracking import start_server
+
+    work = Path(tempfile.mkdtemp(prefix="fgd-sweep-bench-"))
+    job = job_dict(work, args.iterations)
+    resolve_data(JobSpec.model_validate(job).data)  # generate the data once, outside timings
+    server = start_server(
+        f"sqlite:///{work / 'mlflow.db'}", str(work / "artifacts"), log_path=work / "mlflow.log"
+    )
+    cpus = 2
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        tune_2 = run_tune(job, args.trials, 2, server.uri, work / "tune", "concurrent-2")
+        ray.shutdown()
+        pool_2 = run_pool(job, args.trials, cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        tune_1 = run_tune(job, args.trials, 1, server.uri, work / "tune", "concurrent-1")
+        ray.shutdown()
+    finally:
+        server.stop()
+    results = {
+        "trials": args.trials,
+        "iterations": args.iterations,
+        "tune_2_concurrent_s": tune_2,
+        "pool_2_workers_s": pool_2,
+        "tune_1_concurrent_s": tune_1,
+        "overhead_ratio": tune_2 / pool_2,
+        "throughput_2_over_1": tune_1 / tune_2,
+        "mean_training_s": pool_2 * cpus / args.trials,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+    }
+    print(
+        f"8 trainings: Tune+MLflow (2 concurrent) {tune_2:.1f} s, process pool (2 workers) "
+        f"{pool_2:.1f} s, Tune (1 concurrent) {tune_1:.1f} s"
+    )
+    print(f"mean training {results['mean_training_s']:.1f} s")
+    print(f"overhead ratio {results['overhead_ratio']:.2f}  (target <= 1.10)")
+    print(f"throughput 2 concurrent / 1 concurrent {results['throughput_2_over_1']:.2f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep_overhead.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / 'sweep_overhead.json'}")
+
+
+if __name__ == "__main__":
+    main()
