@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,15 @@ def make_loss(seed: int = 0) -> MultiLevelFGD:
     return loss
 
 
+def _zero_grads(loss: MultiLevelFGD, student: dict) -> None:
+    """As a training step does (optimizer.zero_grad(set_to_none=True)) before backward."""
+    loss.zero_grad(set_to_none=True)
+    for feat in student.values():
+        feat.grad = None
+
+
 def run_fast(loss: MultiLevelFGD, student: dict, teacher: dict, boxes: list) -> dict:
+    _zero_grads(loss, student)
     out = loss(student, teacher, boxes, INPUT_HW)
     total = sum(out.values())
     total.backward()
@@ -68,6 +75,7 @@ def run_fast(loss: MultiLevelFGD, student: dict, teacher: dict, boxes: list) -> 
 
 
 def run_loop(loss: MultiLevelFGD, student: dict, teacher: dict, boxes: list) -> dict:
+    _zero_grads(loss, student)
     terms = {"fg": 0.0, "bg": 0.0, "attention": 0.0, "global": 0.0}
     total = 0.0
     for name, level in loss.levels.items():
@@ -142,10 +150,18 @@ def peak_memory_child(kind: str) -> None:
     loss = make_loss()
     student, teacher, boxes = make_inputs()
     feats = {k: v.requires_grad_(True) for k, v in student.items()}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the kernel's peak-RSS mark (VmHWM) so the peak is that of this call alone.
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _rss_kib("VmRSS")
     (run_fast if kind == "fast" else run_loop)(loss, feats, teacher, boxes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_extra_mib": (peak - base) / 1024}))
+    print(json.dumps({"peak_extra_mib": (_rss_kib("VmHWM") - base) / 1024}))
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(kind: str) -> float:

@@ -186,6 +186,26 @@ def run_sweep(
     storage = tune_storage_path(storage_path)
     _ensure_ray(ray_address)
 
+    if (
+        teacher_uri is None
+        and spec.kind == "distill"
+        and spec.teacher is not None
+        and spec.teacher.train
+    ):
+        # "Train one first": a one-trial teacher job, registered, whose weights the trials fetch.
+        teacher = run_sweep(
+            spec.teacher_job(),
+            name=f"{name}-teacher",
+            tracking_uri=uri,
+            experiment=experiment,
+            storage_path=storage,
+            ray_address=ray_address,
+            resume=resume,
+            callbacks=callbacks,
+        )
+        if teacher.best is None or not teacher.best.mlflow_run_id:
+            raise RuntimeError(f"the teacher job of sweep {name} produced no model")
+        teacher_uri = f"runs:/{teacher.best.mlflow_run_id}/model/state_dict.pt"
     parent = _find_parent(client, experiment_id, name) if resume else None
     if parent is None:
         parent = create_parent_run(
@@ -225,6 +245,8 @@ def run_sweep(
                 if sweep.search != "tpe"
                 else None,
                 time_budget_s=sweep.time_budget_s,
+                # Trial processes keep torch and MLflow imported between trials.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
