@@ -1,0 +1,56 @@
+"""API tokens: long random strings; the store keeps only their SHA-256.
+
+A token is ``fgd_`` + 43 URL-safe characters (256 bits), so a fast hash is the right one: there
+is nothing to brute-force, unlike a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import Token, utcnow
+
+TOKEN_PREFIX = "fgd_"
+
+
+def hash_token(plain: str) -> str:
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, name: str, *, admin: bool = False, quota: int = 10
+) -> tuple[str, Token]:
+    """Store a new token; returns ``(plain, row)`` (the plain token is shown once, never kept)."""
+    if quota < 1:
+        raise ValueError(f"quota must be >= 1, got {quota}")
+    if not name.strip():
+        raise ValueError("a token needs a name")
+    plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = Token(name=name.strip(), token_hash=hash_token(plain), admin=admin, quota=quota)
+    session.add(row)
+    session.commit()
+    return plain, row
+
+
+def verify_token(session: Session, plain: str) -> Token | None:
+    """The live token whose hash matches ``plain``, or None."""
+    if not plain.startswith(TOKEN_PREFIX) or len(plain) > 200:
+        return None
+    row = session.scalar(select(Token).where(Token.token_hash == hash_token(plain)))
+    if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def revoke_token(session: Session, token_id: int) -> bool:
+    """Mark a token revoked; False if there is no such live token."""
+    row = session.get(Token, token_id)
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    session.commit()
+    return True
