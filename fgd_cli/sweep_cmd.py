@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -44,75 +44,6 @@ sweep:
 """
 
 
-def _live_callback(metric: str) -> Any:
-    """A Ray Tune callback drawing a rich table of trials and the best result so far."""
-    from ray.tune import Callback
-    from rich.live import Live
-    from rich.table import Table
-
-    from fgd_cli.console import console
-
-    class LiveTable(Callback):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.rows: dict[str, dict[str, Any]] = {}
-            self.live = Live(self._table(), console=console, refresh_per_second=2)
-            self.live.start()
-
-        def _table(self) -> Table:
-            table = Table(title="trials")
-            for col in ("trial", "status", "step", metric, "config"):
-                table.add_column(col)
-            best = None
-            for trial_id, row in self.rows.items():
-                value = row.get(metric)
-                if isinstance(value, float) and (best is None or value > best[1]):
-                    best = (trial_id, value)
-                table.add_row(
-                    trial_id,
-                    row.get("status", ""),
-                    str(row.get("step", "")),
-                    f"{value:.4f}" if isinstance(value, float) else "",
-                    row.get("config", ""),
-                )
-            if best:
-                table.caption = f"best so far: {best[0]} {metric}={best[1]:.4f}"
-            return table
-
-        def _update(self, trial: Any, status: str, result: dict | None = None) -> None:
-            row = self.rows.setdefault(trial.trial_id, {})
-            row["status"] = status
-            hp = (trial.config or {}).get("hp", {})
-            grid = (trial.config or {}).get("grid", {})
-            row["config"] = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in {**hp, **grid}.items()
-            )
-            if result:
-                row["step"] = result.get("step", row.get("step", ""))
-                if metric in result:
-                    row[metric] = float(result[metric])
-            self.live.update(self._table())
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, "RUNNING")
-
-        def on_trial_result(
-            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-        ) -> None:
-            self._update(trial, "RUNNING", result)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, "DONE")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, "ERROR")
-
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            self.live.stop()
-
-    return LiveTable()
-
-
 def sweep(
     spec: Annotated[Path | None, typer.Argument(help="Job spec with a sweep section.")] = None,
     example: Annotated[bool, typer.Option("--example", help="Print a small example spec.")] = False,
@@ -136,6 +67,7 @@ def sweep(
             raise CliError("give a job spec (or --example to print one)")
         if resume and not name:
             raise CliError("--resume needs --name of the sweep to restore")
+        from fgd_cli.live import LiveTrialsTable
         from workers.spec import load_spec
         from workers.sweep import run_sweep
         from workers.sweep_spec import SweepSpec
@@ -148,7 +80,7 @@ def sweep(
             storage_path=storage,
             experiment=experiment,
             resume=resume,
-            callbacks=[_live_callback(metric)],
+            callbacks=[LiveTrialsTable(metric, (job.sweep or SweepSpec()).mode)],
         )
         console.print()
         if result.best is not None:

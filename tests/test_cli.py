@@ -354,3 +354,17 @@ def test_demo_quick(tmp_path):
     assert specs["distill"].teacher.checkpoint == str((out / "teacher" / "model.pt").resolve())
     assert specs["distill"].fgd.calibrate_ratio == 1.0
     assert (tmp_path / "home" / "data").is_dir()  # shapes data generated under FGD_HOME
+
+
+def test_sweep_example_is_a_valid_spec_with_a_sweep():
+    import yaml
+    from typer.testing import CliRunner
+
+    from fgd_cli.main import app
+    from workers.spec import JobSpec
+
+    result = CliRunner().invoke(app, ["sweep", "--example"])
+    assert result.exit_code == 0, result.output
+    spec = JobSpec.model_validate(yaml.safe_load(result.output))
+    assert spec.sweep is not None and spec.sweep.scheduler == "asha"
+    assert spec.teacher is not None and spec.teacher.train
