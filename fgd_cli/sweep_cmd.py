@@ -89,7 +89,4 @@ def sweep(
         if result.registered_model:
             say(f"registered model {result.registered_model[0]} v{result.registered_model[1]}")
         say(f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
-        say(
-            f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri}  "
-            f"(or browse {result.tracking_uri}/#/experiments/{result.experiment_id})"
-        )
+        say(f"MLflow UI: {result.tracking_uri}/#/experiments/{result.experiment_id}")

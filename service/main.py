@@ -33,23 +33,51 @@ def create_app(
     dispatcher: Dispatcher | None = None,
     results: ResultsReader | None = None,
     migrate: bool = True,
+    dispatch_loop: bool | None = None,
 ) -> FastAPI:
     """The app; pieces not given are built from ``settings``.
 
     Args:
         migrate: run ``alembic upgrade head`` on the store at start-up.
+        dispatch_loop: run the dispatch loop (``service.loop``) while the app runs; default
+            when ``settings`` dispatch to Ray, whose dispatcher is then the default one.
     """
     settings = settings or get_settings()
     owns_store = store is None
     store = store or Store.from_url(settings.DATABASE_URL)
+    results = results or ResultsReader(tracking_uri=settings.MLFLOW_TRACKING_URI)
+    if dispatcher is None and settings.dispatch_to_ray:
+        from service.loop import ray_dispatcher
+
+        dispatcher = ray_dispatcher(settings, results)
+    dispatcher = dispatcher or InProcessDispatcher()
+    run_loop = settings.dispatch_to_ray if dispatch_loop is None else dispatch_loop
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if migrate:
             await run_in_threadpool(store.migrate)
-        yield
-        if owns_store:
-            store.dispose()
+        loop = None
+        if run_loop:
+            from service.loop import DispatchLoop
+
+            loop = DispatchLoop(
+                store=store,
+                dispatcher=dispatcher,
+                max_concurrent=settings.MAX_CONCURRENT_JOBS,
+                interval=settings.DISPATCH_INTERVAL,
+                results=results,
+                fail_unfit=settings.UNFIT_JOBS == "fail",
+            )
+            loop.start()
+        app.state.dispatch_loop = loop
+        try:
+            yield
+        finally:
+            if loop is not None:
+                await loop.stop()
+            if owns_store:
+                store.dispose()
 
     app = FastAPI(
         title="FGD service",
@@ -59,8 +87,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.dispatcher = dispatcher or InProcessDispatcher()
-    app.state.results = results or ResultsReader(tracking_uri=settings.MLFLOW_TRACKING_URI)
+    app.state.dispatcher = dispatcher
+    app.state.results = results
     errors.install(app, max_body_bytes=settings.MAX_BODY_BYTES)
     app.include_router(api_router)
     return app

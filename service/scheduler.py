@@ -8,6 +8,7 @@ job submitted but not yet marked DISPATCHED is submitted again under the same id
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -16,12 +17,13 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.db import Store
 from service.dispatch import Dispatcher, DispatchState, JobSubmission, trial_resources
-from service.models import Job, JobLog, JobState
+from service.models import Job, JobLog, JobState, utcnow
 from service.results import ResultsReader, ResultsUnavailable, metric_of, progress_of
 from workers.spec import JobSpec
 
 log = logging.getLogger(__name__)
 D = DispatchState
+Locate = Callable[[str], tuple[str, str] | None]  # job id -> (MLflow experiment id, run id)
 
 
 @dataclass
@@ -38,13 +40,21 @@ def dispatch_once(
     dispatcher: Dispatcher,
     max_concurrent: int,
     results: ResultsReader | None = None,
+    locate: Locate | None = None,
+    fail_unfit: bool = False,
 ) -> PassReport:
-    """Watch the jobs on Ray, then submit queued ones while fewer than ``max_concurrent`` run."""
+    """Watch the jobs on Ray, then submit queued ones while fewer than ``max_concurrent`` run.
+
+    Args:
+        locate: finds a job's MLflow parent run (stored once, then progress is read from it).
+        fail_unfit: a job no node of the cluster can ever run fails at once (else it waits,
+            for a cluster that may still grow).
+    """
     report = PassReport()
     with store.session() as session:
         for job in crud.jobs_on_ray(session=session):
             try:
-                _watch(session, dispatcher, job, report, results)
+                _watch(session, dispatcher, job, report, results, locate)
             except Exception:  # one bad job must not stall the others
                 session.rollback()
                 log.exception("watching job %s failed", job.id)
@@ -61,7 +71,11 @@ def dispatch_once(
                 metadata={"fgd_job_id": job.id, "fgd_owner": job.owner.name},
             )
             if not dispatcher.cluster_can_fit(submission.resources):
-                report.waiting_for_resources.append(job.id)
+                if fail_unfit:
+                    _reject_unfit(session, dispatcher, job, submission)
+                    report.finished.append(job.id)
+                else:
+                    report.waiting_for_resources.append(job.id)
                 continue
             sid = dispatcher.submit(submission)
             crud.mark_dispatched(session=session, job=job, submission_id=sid)
@@ -75,6 +89,7 @@ def _watch(
     job: Job,
     report: PassReport,
     results: ResultsReader | None,
+    locate: Locate | None = None,
 ) -> None:
     sid = job.submission_id
     if sid is None:  # CANCELLING before it was ever submitted cannot happen; be safe
@@ -83,10 +98,15 @@ def _watch(
     try:
         state, message = dispatcher.status(sid)
     except KeyError as exc:
-        crud.record_failure(session=session, job=job, reason=f"submission lost: {exc}")
+        if job.state == JobState.CANCELLING:  # nothing left to stop
+            crud.mark_finished(session=session, job=job, state=JobState.CANCELLED)
+        else:
+            crud.record_failure(session=session, job=job, reason=f"submission lost: {exc}")
         _note(job, report)
         return
     _copy_logs(session, dispatcher, job, sid)
+    if locate is not None and not job.mlflow_run_id:
+        _locate_run(session, job, locate)
     if results is not None and job.mlflow_run_id and job.mlflow_experiment_id:
         _refresh_progress(session, job, results)
     if job.state == JobState.CANCELLING:
@@ -107,6 +127,40 @@ def _watch(
         reason = message or ("stopped outside the service" if state == D.STOPPED else "failed")
         crud.record_failure(session=session, job=job, reason=reason)
         _note(job, report)
+
+
+def _reject_unfit(
+    session: Session, dispatcher: Dispatcher, job: Job, submission: JobSubmission
+) -> None:
+    """Fail a job whose trials no node can run (the store moves it through DISPATCHED)."""
+    asks = ", ".join(f"{k} {v:g}" for k, v in submission.resources.items() if v > 0)
+    reason = f"no node of the cluster can run one trial: it asks for {asks} (sweep.resources)"
+    describe = getattr(dispatcher, "describe_capacity", None)
+    if describe is not None:
+        try:
+            reason += f"; the cluster has {describe()}"
+        except Exception:  # the message only
+            log.debug("describing the cluster failed", exc_info=True)
+    crud.mark_dispatched(session=session, job=job, submission_id=submission.submission_id)
+    job.failures = [*job.failures, {"attempt": job.attempt, "reason": reason, "at": _now()}]
+    crud.mark_finished(session=session, job=job, state=JobState.FAILED, error=reason)
+
+
+def _locate_run(session: Session, job: Job, locate: Locate) -> None:
+    try:
+        found = locate(job.id)
+    except Exception as exc:  # MLflow down: try again next pass
+        log.warning("MLflow run of job %s not found: %s", job.id, exc)
+        return
+    if found is not None:
+        experiment_id, run_id = found
+        crud.update_progress(
+            session=session, job=job, mlflow_experiment_id=experiment_id, mlflow_run_id=run_id
+        )
+
+
+def _now() -> str:
+    return utcnow().isoformat()
 
 
 def _note(job: Job, report: PassReport) -> None:

@@ -11,7 +11,14 @@ Variables (all optional in development)::
     FGD_MAX_BODY_BYTES      request body limit (413 above it)
     FGD_DEFAULT_QUOTA       concurrent (non-final) jobs per token unless the token says otherwise
     FGD_LOG_POLL_SECONDS    how often a followed log stream looks for new chunks
-    RAY_ADDRESS             the Ray cluster the dispatcher submits to (Ray's own variable)
+    RAY_ADDRESS             the Ray cluster the dispatcher submits to (Ray's own variable):
+                            its dashboard URL, http://head:8265
+    FGD_DISPATCH            ray | none; default ray when RAY_ADDRESS is set. With ray the app
+                            runs the dispatch loop (service.loop) against RAY_ADDRESS
+    FGD_DISPATCH_INTERVAL   seconds between dispatch passes
+    FGD_RAY_PYTHON          the interpreter of the Ray Job entrypoint command on the cluster
+    FGD_UNFIT_JOBS          fail | wait: a job whose trials no node can run fails at once, or
+                            waits (for a cluster that autoscales to such nodes)
     MLFLOW_TRACKING_URI     where results are read (MLflow's own variable); default: the
                             embedded server recorded under $FGD_HOME/mlflow, if running
 """
@@ -46,6 +53,10 @@ class Settings(BaseSettings):
     DEFAULT_QUOTA: int = Field(default=10, ge=1)
     LOG_POLL_SECONDS: float = Field(default=1.0, gt=0)
     RAY_ADDRESS: str | None = Field(default=None, validation_alias=AliasChoices("RAY_ADDRESS"))
+    DISPATCH: Literal["ray", "none"] | None = None
+    DISPATCH_INTERVAL: float = Field(default=1.0, gt=0)
+    RAY_PYTHON: str = "python"
+    UNFIT_JOBS: Literal["fail", "wait"] = "fail"
     MLFLOW_TRACKING_URI: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
     )
@@ -74,6 +85,17 @@ class Settings(BaseSettings):
                 f"when FGD_ENVIRONMENT={self.ENVIRONMENT}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _ray_address_for_dispatch(self) -> Settings:
+        if self.DISPATCH == "ray" and not self.RAY_ADDRESS:
+            raise ValueError("FGD_DISPATCH=ray needs RAY_ADDRESS (the Ray dashboard's URL)")
+        return self
+
+    @property
+    def dispatch_to_ray(self) -> bool:
+        """Whether the app runs the dispatch loop against ``RAY_ADDRESS``."""
+        return self.DISPATCH == "ray" or (self.DISPATCH is None and bool(self.RAY_ADDRESS))
 
     @property
     def is_sqlite(self) -> bool:
