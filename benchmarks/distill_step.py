@@ -23,9 +23,10 @@ from fgd_core.detectors import (
     DetectorConfig,
     backbone_features,
     build_detector_from_config,
+    head_losses,
     prepare,
 )
-from fgd_core.distill import DetectorModule, Distiller
+from fgd_core.distill import Distiller
 from fgd_core.training import FGDConfig
 
 SETTINGS = {
@@ -75,10 +76,10 @@ def measure(name: str, repeats: int) -> dict:
     teacher = detector(*s["teacher"], s["size"])
     student = detector(*s["student"], s["size"])
     distiller = Distiller(student, teacher, s["fgd"]).train()
-    plain = DetectorModule(student).train()
+    student.train()
     images, targets = make_batch(s["batch"], s["size"])
     opt_d = torch.optim.SGD(list(distiller.trainable_parameters()), lr=1e-4)
-    opt_p = torch.optim.SGD(list(plain.trainable_parameters()), lr=1e-4)
+    opt_p = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-4)
 
     def distill_step() -> None:
         losses = distiller(images, targets)
@@ -87,12 +88,15 @@ def measure(name: str, repeats: int) -> dict:
         opt_d.step()
 
     def reference_step() -> None:
-        losses = plain(images, targets)
+        # The student's own step, with the teacher's features taken from the same transformed
+        # batch inside the step (where distillation needs them): a distill step minus FGD.
+        prepared = prepare(student, images, targets)
+        losses = head_losses(student, prepared, backbone_features(student, prepared))
+        with torch.no_grad():
+            backbone_features(teacher, prepared)
         opt_p.zero_grad()
         sum(losses.values()).backward()
         opt_p.step()
-        with torch.no_grad():
-            backbone_features(teacher, prepare(student, images, targets))
 
     times: dict[str, list[float]] = {"distill": [], "reference": []}
     distill_step()
