@@ -91,8 +91,10 @@ def run_tune(
     }
     spec = JobSpec.model_validate({**job, "sweep": sweep})
     t0 = time.perf_counter()
-    run_sweep(spec, name=name, tracking_uri=uri, storage_path=str(storage))
-    return time.perf_counter() - t0
+    result = run_sweep(spec, name=name, tracking_uri=uri, storage_path=str(storage))
+    elapsed = time.perf_counter() - t0
+    print(f"{name}: {elapsed:.1f} s, driver phases {result.timings}")
+    return elapsed
 
 
 def main() -> None:

@@ -118,6 +118,7 @@ class SweepResult:
     rows: list[TrialRow] = field(default_factory=list)
     best: TrialRow | None = None
     registered_model: tuple[str, str] | None = None  # (name, version)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of the driver
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +258,9 @@ def run_sweep(
                 verbose=0,
             ),
         )
+    t_fit = time.perf_counter()
     grid = tuner.fit()
+    t_done = time.perf_counter()
 
     result = SweepResult(name, parent, experiment_id, uri, storage)
     for trial in grid:
@@ -287,7 +290,12 @@ def run_sweep(
     if ranked:
         sign = 1 if sweep.mode == "max" else -1
         result.best = max(ranked, key=lambda r: sign * r.metrics[sweep.metric])
+    result.timings["fit"] = t_done - t_fit
+    result.timings["collect"] = time.perf_counter() - t_done
+    t_summary = time.perf_counter()
     _summarise(client, result, sweep)
+    result.timings["summary"] = time.perf_counter() - t_summary
+    t_register = time.perf_counter()
     if result.best is not None and result.best.mlflow_run_id:
         model_name = register_as or (
             "fgd-teacher" if spec.kind == "teacher" else f"fgd-{spec.kind}-student"
@@ -300,6 +308,7 @@ def run_sweep(
             description=f"best of sweep {name} by {sweep.metric} ({sweep.mode})",
         )
         result.registered_model = (model_name, str(version))
+    result.timings["register"] = time.perf_counter() - t_register
     finish_run(client, parent, "FINISHED")
     return result
 

@@ -785,7 +785,12 @@ def register_model_version(
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     version_tags = {FORMAT_TAG: "state_dict", **{k: str(v) for k, v in (tags or {}).items()}}
     mv = client.create_model_version(
-        name, source=source, run_id=run_id, description=description, tags=version_tags
+        name,
+        source=source,
+        run_id=run_id,
+        description=description,
+        tags=version_tags,
+        await_creation_for=0,  # SQL-backed registries create versions READY at once
     )
     return str(mv.version)
 
