@@ -1,6 +1,6 @@
 """What the service needs from the cluster: the ``Dispatcher`` protocol, and an in-process one.
 
-The Ray dispatcher (``ray.job_submission.JobSubmissionClient`` against ``RAY_ADDRESS``)
+The Ray dispatcher (``service.ray_dispatch.RayJobsDispatcher``, Ray Jobs at ``RAY_ADDRESS``)
 implements the same five methods; the store's state machine (``service.crud``) and the
 dispatch loop use nothing else, so the service never imports Ray outside that class.
 

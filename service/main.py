@@ -47,8 +47,9 @@ def create_app(
     store = store or Store.from_url(settings.DATABASE_URL)
     results = results or ResultsReader(tracking_uri=settings.MLFLOW_TRACKING_URI)
     if dispatcher is None and settings.dispatch_to_ray:
-        from service.loop import ray_dispatcher
+        from service.loop import bound_mlflow_retries, ray_dispatcher
 
+        bound_mlflow_retries()
         dispatcher = ray_dispatcher(settings, results)
     dispatcher = dispatcher or InProcessDispatcher()
     run_loop = settings.dispatch_to_ray if dispatch_loop is None else dispatch_loop

@@ -12,7 +12,8 @@ Variables (all optional in development)::
     FGD_DEFAULT_QUOTA       concurrent (non-final) jobs per token unless the token says otherwise
     FGD_LOG_POLL_SECONDS    how often a followed log stream looks for new chunks
     RAY_ADDRESS             the Ray cluster the dispatcher submits to (Ray's own variable):
-                            its dashboard URL, http://head:8265
+                            its dashboard URL, http://head:8265 (with RAY_AUTH_MODE=token and
+                            RAY_AUTH_TOKEN, Ray's own, when the cluster requires a token)
     FGD_DISPATCH            ray | none; default ray when RAY_ADDRESS is set. With ray the app
                             runs the dispatch loop (service.loop) against RAY_ADDRESS
     FGD_DISPATCH_INTERVAL   seconds between dispatch passes
