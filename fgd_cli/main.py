@@ -241,6 +241,30 @@ def demo_command(
         run_demo(out or _default_out("demo"), quick=quick)
 
 
+# --- tokens -------------------------------------------------------------------------------------
+
+token_app = typer.Typer(help="API tokens of the REST service.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
+    admin: Annotated[bool, typer.Option(help="An admin token sees every job.")] = False,
+    quota: Annotated[int | None, typer.Option(help="Concurrent jobs allowed.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Job store [default: FGD_DATABASE_URL or SQLite].")
+    ] = None,
+) -> None:
+    """Create an API token; it is printed once and stored only as a SHA-256 hash."""
+    from fgd_cli.console import user_errors
+
+    with user_errors():
+        from service.cli_tokens import create
+
+        typer.echo(create(name, admin=admin, quota=quota, database_url=database_url))
+
+
 # --- sweep --------------------------------------------------------------------------------------
 
 app.command("sweep")(sweep_command)

@@ -368,3 +368,24 @@ def test_sweep_example_is_a_valid_spec_with_a_sweep():
     spec = JobSpec.model_validate(yaml.safe_load(result.output))
     assert spec.sweep is not None and spec.sweep.scheduler == "asha"
     assert spec.teacher is not None and spec.teacher.train
+
+
+def test_token_create_prints_a_token_the_store_accepts(tmp_path):
+    from typer.testing import CliRunner
+
+    from fgd_cli.main import app
+    from service.auth import verify_token
+    from service.db import Store
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    result = CliRunner().invoke(app, ["token", "create", "alice", "--database-url", url])
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    store = Store.from_url(url)
+    try:
+        with store.session() as session:
+            row = verify_token(session, token)
+            assert row is not None and row.name == "alice" and not row.admin
+            assert verify_token(session, token + "x") is None
+    finally:
+        store.dispose()
