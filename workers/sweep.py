@@ -106,6 +106,7 @@ class TrialRow:
     metrics: dict[str, float]
     mlflow_run_id: str | None = None
     node_id: str | None = None
+    run_status: str | None = None  # the trial's MLflow run: FINISHED, KILLED (stopped), FAILED
 
 
 @dataclass
@@ -272,10 +273,12 @@ def run_sweep(
         trial_id = (trial.metrics or {}).get("trial_id", "")
         run_id = _trial_run(client, experiment_id, parent, trial_id)
         status = "ERROR" if trial.error else "TERMINATED"
+        run_status = None
         if run_id:
-            info = client.get_run(run_id).info
-            if info.status == "RUNNING":  # stopped early by the scheduler
+            run_status = client.get_run(run_id).info.status
+            if run_status == "RUNNING":  # stopped early by the scheduler
                 finish_run(client, run_id, "KILLED")
+                run_status = "KILLED"
         result.rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -284,11 +287,12 @@ def run_sweep(
                 metrics=metrics,
                 mlflow_run_id=run_id,
                 node_id=(trial.metrics or {}).get("node_id"),
+                run_status=run_status,
             )
         )
     ranked = [r for r in result.rows if sweep.metric in r.metrics]
+    sign = 1 if sweep.mode == "max" else -1
     if ranked:
-        sign = 1 if sweep.mode == "max" else -1
         result.best = max(ranked, key=lambda r: sign * r.metrics[sweep.metric])
     result.timings["fit"] = t_done - t_fit
     result.timings["collect"] = time.perf_counter() - t_done
@@ -296,14 +300,17 @@ def run_sweep(
     _summarise(client, result, sweep)
     result.timings["summary"] = time.perf_counter() - t_summary
     t_register = time.perf_counter()
-    if result.best is not None and result.best.mlflow_run_id:
+    # Only a trial that ran to its end holds a final model to register.
+    finished = [r for r in ranked if r.run_status == "FINISHED" and r.mlflow_run_id]
+    to_register = max(finished, key=lambda r: sign * r.metrics[sweep.metric]) if finished else None
+    if to_register is not None:
         model_name = register_as or (
             "fgd-teacher" if spec.kind == "teacher" else f"fgd-{spec.kind}-student"
         )
         version = register_model_version(
             client,
             name=model_name,
-            run_id=result.best.mlflow_run_id,
+            run_id=to_register.mlflow_run_id,
             artifact_path="model",
             description=f"best of sweep {name} by {sweep.metric} ({sweep.mode})",
         )
