@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from workers.settings import fgd_home
 from workers.sweep_spec import SweepSpec
 
 # Kept equal to fgd_core's lists by tests/test_spec.py (this module cannot import fgd_core).
@@ -517,11 +518,6 @@ class JobSpec(_Spec):
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def fgd_home() -> Path:
-    """``$FGD_HOME`` (default ``~/.fgd``), absolute."""
-    return Path(os.environ.get("FGD_HOME") or "~/.fgd").expanduser().resolve()
 
 
 # Union members pydantic puts in error locations ("min_size.constrained-int"); no spec field
