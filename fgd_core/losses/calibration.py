@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fgd_core.losses.dense import attention_from_sums
-from fgd_core.losses.fgd import MultiLevelFGD
+from fgd_core.losses.fgd import MultiLevelFGD, hparams_of
 
 # Temperatures tried, smallest first; the authors' 0.5 and 0.8 are on it.
 TEMPERATURE_GRID = (0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
@@ -41,13 +41,7 @@ class Calibration:
     @property
     def hparams(self) -> dict[str, float]:
         """The FGD hyperparameters under their user-facing names."""
-        return {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "gamma": self.gamma,
-            "lambda": self.lambda_,
-            "temp": self.temp,
-        }
+        return hparams_of(self)
 
 
 def spatial_max_share(teacher_feat: Tensor, temp: float) -> float:

@@ -18,6 +18,17 @@ TERMS = ("fg", "bg", "attention", "global")
 LOSS_KEYS = tuple(f"loss_fgd_{t}" for t in TERMS)
 
 
+def hparams_of(obj: object) -> dict[str, float]:
+    """alpha, beta, gamma, lambda (from `lambda_`) and temp of `obj`, by their user-facing names."""
+    return {
+        "alpha": float(obj.alpha),  # type: ignore[attr-defined]
+        "beta": float(obj.beta),  # type: ignore[attr-defined]
+        "gamma": float(obj.gamma),  # type: ignore[attr-defined]
+        "lambda": float(obj.lambda_),  # type: ignore[attr-defined]
+        "temp": float(obj.temp),  # type: ignore[attr-defined]
+    }
+
+
 class FGDLoss(nn.Module):
     """FGD loss of one FPN level.
 
@@ -196,9 +207,7 @@ class MultiLevelFGD(nn.Module):
 
     @property
     def hparams(self) -> dict[str, float]:
-        first = next(iter(self.levels.values()))
-        assert isinstance(first, FGDLoss)
-        return {**first.weights, "temp": first.temp}
+        return hparams_of(next(iter(self.levels.values())))
 
     def unweighted_per_level(
         self,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from fgd_core.detectors import DetectorConfig
+from fgd_core.losses.fgd import hparams_of
 
 OptimizerName = Literal["sgd", "adamw"]
 SchedulePolicy = Literal["cosine", "step", "constant"]
@@ -80,13 +81,8 @@ class FGDConfig:
 
     @property
     def hparams(self) -> dict[str, float]:
-        return {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "gamma": self.gamma,
-            "lambda": self.lambda_,
-            "temp": self.temp,
-        }
+        """The FGD hyperparameters under their user-facing names."""
+        return hparams_of(self)
 
 
 @dataclass(frozen=True)
