@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.spec import JobSpec
-from workers.sweep_spec import FGD_PARAMS, SweepSpec
+from workers.sweep_spec import FGD_PARAMS, Distribution, SweepSpec
 
 SWEEP_TAG = "fgd.sweep_name"
 
@@ -30,10 +30,9 @@ def to_tune_space(sweep: SweepSpec) -> dict[str, Any]:
 
     hp: dict[str, Any] = {}
     for name, dist in sweep.space.items():
-        if dist.loguniform is not None:
-            hp[name] = tune.loguniform(*dist.loguniform)
-        elif dist.uniform is not None:
-            hp[name] = tune.uniform(*dist.uniform)
+        sampler = _range_sampler(dist)
+        if sampler is not None:
+            hp[name] = sampler
         elif dist.choice is not None:
             hp[name] = (
                 tune.grid_search(list(dist.choice))
@@ -44,6 +43,17 @@ def to_tune_space(sweep: SweepSpec) -> dict[str, Any]:
             hp[name] = tune.grid_search(list(dist.grid))
     grid = {path: tune.grid_search(list(values)) for path, values in sweep.grid.items()}
     return {"hp": hp, "grid": grid}
+
+
+def _range_sampler(dist: Distribution) -> Any:
+    """`tune.loguniform` / `tune.uniform` of a range distribution; None for choice and grid."""
+    from ray import tune
+
+    if dist.loguniform is not None:
+        return tune.loguniform(*dist.loguniform)
+    if dist.uniform is not None:
+        return tune.uniform(*dist.uniform)
+    return None
 
 
 def build_search_alg(sweep: SweepSpec) -> Any:
@@ -69,14 +79,11 @@ def build_scheduler(sweep: SweepSpec) -> Any:
             reduction_factor=sweep.asha.reduction_factor,
         )
     if sweep.scheduler == "pbt":
-        from ray import tune
-
         mutations: dict[str, Any] = {}
         for name, dist in sweep.space.items():
-            if dist.loguniform is not None:
-                mutations[name] = tune.loguniform(*dist.loguniform)
-            elif dist.uniform is not None:
-                mutations[name] = tune.uniform(*dist.uniform)
+            sampler = _range_sampler(dist)
+            if sampler is not None:
+                mutations[name] = sampler
             elif dist.choice is not None:
                 mutations[name] = list(dist.choice)
         return PopulationBasedTraining(
