@@ -234,3 +234,56 @@ def test_multi_node_cluster_places_trials_on_several_nodes(env, tmp_path):
     assert len({r.node_id for r in result.rows}) == 2  # one trial on each worker node
     runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_distill_job_with_a_baseline_reports_both_students_side_by_side(env, local_ray, tmp_path):
+    import json
+
+    from sweep_helpers import tiny_job
+
+    from workers.distill_report import REPORT_JSON
+    from workers.tracking import download_run_artifact
+
+    job = tiny_job(
+        env["data"], env["teacher"], sweep={"grid": {"train.seed": [0, 1]}}, iterations=2
+    )
+    job.update(baseline=True, evaluate_teacher=True)
+    spec = JobSpec.model_validate(job)
+    result = run_sweep_named(spec, "with-baseline", env, tmp_path)
+    kinds = sorted((r.config["kind"], r.config["train.seed"]) for r in result.rows)
+    assert kinds == [("baseline", 0), ("baseline", 1), ("distill", 0), ("distill", 1)]
+    assert result.best is not None and result.best.config["kind"] == "distill"
+    report = result.report
+    assert report is not None and len(report["pairs"]) == 2
+    assert report["teacher"] is not None  # measured by the FGD trials before training
+    by_kind = {
+        (r.config["kind"], r.config["train.seed"]): r.metrics["bbox_AP"] for r in result.rows
+    }
+    assert (
+        report["pairs"][0]["baseline"]
+        == by_kind[("baseline", report["pairs"][0]["group"]["train.seed"])]
+    )
+    client = _client(env["uri"])
+    logged = json.loads(
+        download_run_artifact(
+            f"runs:/{result.parent_run_id}/{REPORT_JSON}", client=client
+        ).read_text()
+    )
+    assert logged["pairs"] == report["pairs"]
+    assert "report_baseline_mean" in client.get_run(result.parent_run_id).data.metrics
+
+    # With a search over FGD's weights the baseline gets its own sweep, paired all the same.
+    job["sweep"] = {"space": {"alpha": {"choice": [1e-5, 1e-4]}}, "num_samples": 2}
+    job["evaluate_teacher"] = False
+    searched = run_sweep_named(JobSpec.model_validate(job), "searched", env, tmp_path)
+    assert all("kind" not in r.config for r in searched.rows)
+    assert searched.report is not None
+    (pair,) = searched.report["pairs"]
+    assert pair["fgd_trials"] == 2
+    assert searched.report["teacher"] is None  # nobody evaluated the teacher here
+
+
+def run_sweep_named(spec, name, env, tmp_path):
+    from workers.sweep import run_sweep
+
+    return run_sweep(spec, name=name, tracking_uri=env["uri"], storage_path=str(tmp_path))

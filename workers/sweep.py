@@ -127,6 +127,7 @@ class SweepResult:
     best: TrialRow | None = None
     registered_model: tuple[str, str] | None = None  # (name, version)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of the driver
+    report: dict[str, Any] | None = None  # teacher, baseline and FGD side by side (distill)
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +165,7 @@ def run_sweep(
     teacher_uri: str | None = None,
     callbacks: list[Any] | None = None,
     register_as: str | None = None,
+    teacher_metrics: dict[str, float] | None = None,
 ) -> SweepResult:
     """Run (or, with `resume`, restore and finish) the sweep of `spec`.
 
@@ -174,6 +176,8 @@ def run_sweep(
         teacher_uri: an MLflow URI of the teacher's weights, overriding the spec's teacher.
         callbacks: Ray Tune callbacks (e.g. a live progress table).
         register_as: Model Registry name for the best network (default from the job kind).
+        teacher_metrics: the teacher's evaluation, for the distillation report (default: the
+            teacher job's, when the sweep trains its teacher first).
     """
     from ray import tune
 
@@ -215,6 +219,23 @@ def run_sweep(
         if teacher.best is None or not teacher.best.mlflow_run_id:
             raise RuntimeError(f"the teacher job of sweep {name} produced no model")
         teacher_uri = f"runs:/{teacher.best.mlflow_run_id}/model/state_dict.pt"
+        teacher_metrics = teacher_metrics or teacher.best.metrics
+    spec, sweep, baseline = _with_baseline(spec, sweep)
+    if baseline is not None:
+        # A baseline the main sweep cannot hold (a search or an early-stopping scheduler):
+        # its own sweep first, over the same seeds, named after this one.
+        baseline_rows = run_sweep(
+            baseline,
+            name=f"{name}-baseline",
+            tracking_uri=uri,
+            experiment=experiment,
+            storage_path=storage,
+            ray_address=ray_address,
+            resume=resume,
+            callbacks=callbacks,
+        ).rows
+    else:
+        baseline_rows = []
     parent = _find_parent(client, experiment_id, name) if resume else None
     if parent is None:
         parent = create_parent_run(
@@ -297,7 +318,12 @@ def run_sweep(
                 run_status=run_status,
             )
         )
-    ranked = [r for r in result.rows if sweep.metric in r.metrics]
+    # A distill sweep's best is an FGD student, never one of its baseline twins.
+    ranked = [
+        r
+        for r in result.rows
+        if sweep.metric in r.metrics and r.config.get("kind", spec.kind) == spec.kind
+    ]
     sign = 1 if sweep.mode == "max" else -1
     if ranked:
         result.best = max(ranked, key=lambda r: sign * r.metrics[sweep.metric])
@@ -305,6 +331,7 @@ def run_sweep(
     result.timings["collect"] = time.perf_counter() - t_done
     t_summary = time.perf_counter()
     _summarise(client, result, sweep)
+    result.report = _report(client, result, spec, sweep, baseline_rows, teacher_metrics)
     result.timings["summary"] = time.perf_counter() - t_summary
     t_register = time.perf_counter()
     # Only a trial that ran to its end holds a final model to register.
@@ -372,6 +399,72 @@ def _summarise(client: Any, result: SweepResult, sweep: SweepSpec) -> None:
             params=params,
             best_metrics=sorted({k for r in result.rows for k in r.metrics}),
         )
+
+
+def _with_baseline(spec: JobSpec, sweep: SweepSpec) -> tuple[JobSpec, SweepSpec, JobSpec | None]:
+    """Where a distill job asks for a baseline: the sweep with it, or the baseline's own job.
+
+    A plain sweep (FIFO, no search space) takes the baseline as one more grid axis,
+    ``kind: [distill, baseline]``, so the two students of a seed train side by side. A search or
+    an early-stopping scheduler would rank the baseline among FGD trials or stop it early, so
+    the baseline then gets its own sweep over the same grid (minus FGD's fields).
+    """
+    if spec.kind != "distill" or not spec.baseline:
+        return spec, sweep, None
+    if "kind" in sweep.grid:
+        return spec, sweep, None
+    if not sweep.space and sweep.scheduler == "fifo":
+        grid = {"kind": ["distill", "baseline"], **sweep.grid}
+        sweep = sweep.model_copy(update={"grid": grid})
+        return spec.model_copy(update={"sweep": sweep}), sweep, None
+    grid = {
+        k: v for k, v in sweep.grid.items() if not k.startswith(("fgd.", "teacher.", "baseline"))
+    }
+    own = SweepSpec.model_validate(
+        {
+            "grid": grid,
+            "search": "grid" if grid else "random",
+            "resources": sweep.resources,
+            "max_concurrent_trials": sweep.max_concurrent_trials,
+            "metric": sweep.metric,
+            "mode": sweep.mode,
+            "max_failures": sweep.max_failures,
+        }
+    )
+    return spec, sweep, spec.baseline_job().model_copy(update={"sweep": own})
+
+
+def _report(
+    client: Any,
+    result: SweepResult,
+    spec: JobSpec,
+    sweep: SweepSpec,
+    baseline_rows: list[TrialRow],
+    teacher_metrics: dict[str, float] | None,
+) -> dict[str, Any] | None:
+    """The distillation report of a sweep holding baseline and FGD students, logged on its parent."""
+    from workers.distill_report import distillation_report, log_distillation_report
+
+    trials = [(r, spec.kind) for r in result.rows] + [(r, "baseline") for r in baseline_rows]
+    rows = [
+        {
+            "mlflow_run_id": r.mlflow_run_id,
+            **r.config,
+            **r.metrics,
+            "kind": r.config.get("kind", kind),
+        }
+        for r, kind in trials
+    ]
+    teacher = (teacher_metrics or {}).get(sweep.metric)
+    report = distillation_report(
+        rows,
+        metric=sweep.metric,
+        teacher=teacher,
+        group_keys=[k for k in sweep.grid if k != "kind"],
+    )
+    if report is not None:
+        log_distillation_report(client, result.parent_run_id, report)
+    return report
 
 
 ProgressFn = Callable[[list[TrialRow]], None]

@@ -163,6 +163,7 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     evaluations: dict[int, dict[str, float]] = {}
     in_force: dict[str, float] = {}
     last_train: dict[str, float] = {}
+    teacher_eval: dict[str, float] = {}
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         last_train.clear()
@@ -175,7 +176,8 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
         log_metrics(client, run_id, metrics, step)
 
     def on_teacher(metrics: dict[str, float]) -> None:
-        log_metrics(client, run_id, {f"teacher_{k}": v for k, v in metrics.items()}, 0)
+        teacher_eval.update({f"teacher_{k}": v for k, v in metrics.items()})
+        log_metrics(client, run_id, teacher_eval, 0)
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         if "fgd_hparams" in state:
@@ -187,7 +189,7 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
                 log_artifact_file(client, run_id, Path(folder) / STATE_FILE, "checkpoint")
             meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
             (Path(folder) / META_FILE).write_text(json.dumps(meta))
-            report = {k: v for k, v in last_train.items() if math.isfinite(v)}
+            report = {k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)}
             report.update({k: v for k, v in evaluations.get(step, {}).items() if math.isfinite(v)})
             report.update({"step": step, **{f"hp/{k}": v for k, v in in_force.items()}})
             report["node_id"] = node_id
