@@ -287,3 +287,37 @@ def run_sweep_named(spec, name, env, tmp_path):
     from workers.sweep import run_sweep
 
     return run_sweep(spec, name=name, tracking_uri=env["uri"], storage_path=str(tmp_path))
+
+
+def test_pbt_exploits_the_better_trial_and_logs_the_values_in_force(env, local_ray, tmp_path):
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    # Two trials; alpha 1e3 makes FGD's loss dwarf the other's, so PBT has the weaker trial
+    # exploit the stronger one (its checkpoint and config, then perturbed) at every evaluation.
+    sweep = {
+        "space": {"alpha": {"choice": [1e-6, 1e3]}},
+        "search": "grid",
+        "scheduler": "pbt",
+        "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.5},
+        "max_concurrent_trials": 2,
+        "metric": "train/loss",
+        "mode": "min",
+    }
+    spec = JobSpec.model_validate(tiny_job(env["data"], env["teacher"], sweep=sweep))
+    result = run_sweep(spec, name="pbt", tracking_uri=env["uri"], storage_path=str(tmp_path))
+    assert len(result.rows) == 2
+    for row in result.rows:
+        assert row.metrics["step"] == 6, row.metrics  # exploitation continues, never restarts
+        # The value in force is the one PBT chose last, not the starting one.
+        assert row.metrics["hp/alpha"] == pytest.approx(row.config["alpha"]), row
+
+    policy = (tmp_path / "pbt" / "pbt_global.txt").read_text().strip().splitlines()
+    assert policy, "PBT exploited no trial"
+    runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
+    assert len(runs) == 2  # an exploiting trial keeps its own run
+    client = _client(env["uri"])
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "hp/alpha")]
+        assert steps and steps == sorted(steps)

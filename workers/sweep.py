@@ -282,7 +282,10 @@ def run_sweep(
                 name=name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # PBT hands a trial's checkpoints to others: keep enough for them to exploit.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=4 if sweep.scheduler == "pbt" else 2
+                ),
                 callbacks=callbacks,
                 verbose=0,
             ),
