@@ -83,6 +83,15 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "efficacy.json").read_text())["teacher_cached"]
 
+    # The sweep example: ASHA over the five hyperparameters against the default weights.
+    search = _run([*args, "--search", "2"], env)
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+    found = json.loads((out / "search.json").read_text())
+    assert found["trials"] == 2 and found["default_fgd_ap_seed0"] == result["fgd_ap"][0]
+    assert set(found["space"]["space"]) == {"alpha", "beta", "gamma", "lambda", "temp"}
+    plots = {a.path for a in client.list_artifacts(found["mlflow"]["parent_run_id"], "plots")}
+    assert "plots/metric_vs_params.png" in plots
+
     # The self-contained job the benchmark writes is a valid spec with its teacher trained first.
     from workers.spec import load_spec
 
