@@ -22,7 +22,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-## The main job on the embedded default: shapes data, a teacher, a baseline and an FGD student.
+## The main job: start the service (Ray head, MLflow, API), submit a small sweep on the shapes
+## data over REST, follow it, print the leaderboard and the MLflow UI command, stop the service.
 demo: $(STAMP)
 	$(VENV)/bin/fgd demo
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,6 +29,16 @@ TABLE_STATS: tuple[tuple[str, str], ...] = (
 def say(message: str, *, style: str | None = None) -> None:
     """Print a plain line: no markup or highlighting, never wrapped (paths stay copyable)."""
     console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_wide(renderable: RenderableType) -> None:
+    """Print a table; into a pipe or a file at its natural width instead of 80 columns, so
+    that ids and values are never cut (a terminal keeps its own width)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    natural = console.measure(renderable, options=console.options.update_width(1000)).maximum
+    Console(width=max(console.width, natural)).print(renderable)
 
 
 class CliError(Exception):

@@ -1,4 +1,4 @@
-"""`fgd demo`: a teacher, a baseline student and an FGD student on shapes data, side by side.
+"""`fgd demo --local`: a teacher, a baseline student and an FGD student on shapes data, side by side.
 
 The three runs are ordinary JobSpecs built here and written to the demo folder as YAML, so each
 can be rerun with `fgd train <kind> <file>`. Sized for a few minutes on 2 CPU cores.

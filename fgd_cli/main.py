@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from fgd_cli import client
+from fgd_cli.serve import serve as serve_command
 from fgd_cli.sweep_cmd import sweep as sweep_command
 
 app = typer.Typer(
@@ -19,11 +21,13 @@ app = typer.Typer(
     help="Knowledge distillation of object detectors with FGD (Focal and Global Distillation).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: "[default: ...]" and <placeholders> print as written
 )
-data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True, rich_markup_mode=None)
 train_app = typer.Typer(
     help="Train from a job spec (YAML or JSON); see workers/spec.py for the fields.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -100,7 +104,7 @@ def _train(kind: str, config: Path, out: Path | None, resume: Path | None) -> No
         main = outcomes[kind]
         rows: list[tuple[str, dict[str, float]]] = []
         times: list[str] = []
-        if "teacher" in outcomes:
+        if "teacher" in outcomes and kind != "teacher":
             rows.append(("teacher", outcomes["teacher"].metrics))
             times.append(f"{outcomes['teacher'].train_seconds:.1f} s")
         elif main.teacher_metrics:
@@ -225,49 +229,95 @@ def export_command(
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="[default: runs/demo-<timestamp>]")
-    ] = None,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local", help="Train a teacher, a baseline and an FGD student here, no service."
+        ),
+    ] = False,
     quick: Annotated[bool, typer.Option(help="Tiny sizes, seconds not minutes (smoke test).")] = (
         False
     ),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="--local: [default: runs/demo-<timestamp>]")
+    ] = None,
+    port: Annotated[int, typer.Option(help="The API's port (0: any free one).")] = 0,
 ) -> None:
-    """Train a teacher, a baseline student and an FGD student on shapes data; compare them."""
-    from fgd_cli.console import user_errors
+    """The service end to end: start it, submit a small sweep over REST, show the leaderboard.
+
+    Starts a Ray head, the MLflow server and the API (as `fgd serve` does), creates a token,
+    submits the example sweep on the shapes data (`fgd sweep --example`) with POST /jobs,
+    follows it with a progress bar, prints the leaderboard and how to open the runs in the
+    MLflow UI, then stops everything. A few minutes on 2 CPU cores.
+
+    With --local: trains a teacher, a baseline student and an FGD student in this process and
+    compares them (no Ray, no MLflow, no API).
+    """
+    from fgd_cli.console import CliError, user_errors
 
     with user_errors():
-        from fgd_cli.demo import run_demo
+        if local:
+            from fgd_cli.demo import run_demo
 
-        run_demo(out or _default_out("demo"), quick=quick)
+            run_demo(out or _default_out("demo"), quick=quick)
+            return
+        if out is not None:
+            raise CliError("--out is for --local; the service keeps its runs under FGD_HOME")
+        from fgd_cli.demo_service import run_service_demo
+
+        status = run_service_demo(port=port, quick=quick)
+    raise typer.Exit(status)
 
 
 # --- tokens -------------------------------------------------------------------------------------
 
-token_app = typer.Typer(help="API tokens of the REST service.", no_args_is_help=True)
+token_app = typer.Typer(
+    help="API tokens of the REST service.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(token_app, name="token")
 
 
 @token_app.command("create")
 def token_create(
-    name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
+    name_arg: Annotated[
+        str | None, typer.Argument(metavar="NAME", help="Same as --name.", show_default=False)
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Who or what the token is for [default: your user name]."),
+    ] = None,
     admin: Annotated[bool, typer.Option(help="An admin token sees every job.")] = False,
     quota: Annotated[int | None, typer.Option(help="Concurrent jobs allowed.")] = None,
     database_url: Annotated[
         str | None, typer.Option(help="Job store [default: FGD_DATABASE_URL or SQLite].")
     ] = None,
 ) -> None:
-    """Create an API token; it is printed once and stored only as a SHA-256 hash."""
-    from fgd_cli.console import user_errors
+    """Create an API token; it is printed once, alone on the last line, and stored only as a
+    SHA-256 hash (`export FGD_TOKEN=$(fgd token create | tail -n 1)`)."""
+    import getpass
+
+    from fgd_cli.console import CliError, user_errors
 
     with user_errors():
         from service.cli_tokens import create
 
-        typer.echo(create(name, admin=admin, quota=quota, database_url=database_url))
+        if name_arg and name and name_arg != name:
+            raise CliError(f"two names given: {name_arg!r} and --name {name!r}")
+        try:
+            label = name or name_arg or getpass.getuser()
+        except (KeyError, OSError):  # no user name in this environment
+            label = "cli"
+        typer.echo(create(label, admin=admin, quota=quota, database_url=database_url))
 
 
 # --- sweep --------------------------------------------------------------------------------------
 
 app.command("sweep")(sweep_command)
+
+# --- the service: run it, and talk to it --------------------------------------------------------
+
+app.command("serve")(serve_command)
+client.register(app)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def test_asha_sweep_stops_trials_early_and_logs_nested_runs(env, local_ray, tmp_
     assert len(result.rows) == 4
     steps = [r.metrics.get("step") for r in result.rows]
     assert min(steps) < 6 <= max(steps), steps  # at least one trial stopped early
+    for row in result.rows:  # a stopped trial is KILLED in MLflow, not FAILED
+        assert row.run_status == ("FINISHED" if row.metrics["step"] == 6 else "KILLED"), row
     runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
     assert len(runs) == 4
     for run in runs:

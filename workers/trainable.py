@@ -203,6 +203,10 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     )
     try:
         result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+    except SystemExit:
+        # Tune stops a trial (ASHA, a time budget) by exiting its thread at the next report.
+        finish_run(client, run_id, "KILLED")
+        raise
     except BaseException:
         finish_run(client, run_id, "FAILED")
         raise
