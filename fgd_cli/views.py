@@ -223,9 +223,46 @@ def results_view(results: Mapping[str, Any]) -> Group:
     title += f" ({results.get('mode', 'max')})"
     parts: list[RenderableType] = [Text(title, style="italic"), leaderboard_table(results)]
     for key, value in results.items():
-        if key not in RESULTS_KEYS:
+        if key == "report":
+            if value:
+                parts.append(report_table(value))
+        elif key not in RESULTS_KEYS:
             parts.append(render_value(key, value))
     return Group(*parts)
+
+
+def report_table(report: Mapping[str, Any]) -> Table:
+    """The distillation report: teacher, baseline and FGD student side by side, per pair."""
+    metric = report.get("metric", "")
+    table = Table(title=f"distillation report ({metric})", title_justify="left")
+    for col in ("", "teacher", "baseline", "FGD", "FGD - baseline", "gap closed"):
+        table.add_column(col)
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * float(v):.0f} %"
+
+    for pair in report.get("pairs", []):
+        name = ", ".join(f"{k}={v}" for k, v in pair.get("group", {}).items()) or "pair"
+        table.add_row(
+            escape(name),
+            fmt(report.get("teacher")),
+            fmt(pair.get("baseline")),
+            fmt(pair.get("fgd")),
+            fmt(pair.get("diff")),
+            pct(pair.get("gap_closed")),
+        )
+    se = report.get("diff_se")
+    diff = fmt(report.get("diff_mean")) + ("" if se is None else f" ± {fmt(se)}")
+    table.add_row(
+        "mean",
+        fmt(report.get("teacher")),
+        fmt(report.get("baseline_mean")),
+        fmt(report.get("fgd_mean")),
+        diff,
+        pct(report.get("gap_closed")),
+        style="bold",
+    )
+    return table
 
 
 def render_value(title: str, value: Any) -> RenderableType:

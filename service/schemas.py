@@ -10,30 +10,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.models import JobState
+from service.report import DistillationReport
+from workers.examples import small_sweep
 from workers.spec import JobSpec
 
-EXAMPLE_SPEC: dict[str, Any] = {
-    "kind": "distill",
-    "data": {
-        "coco": {
-            "train_images": "/srv/fgd/data/coco/train2017",
-            "train_ann": "/srv/fgd/data/coco/annotations/instances_train2017.json",
-            "val_images": "/srv/fgd/data/coco/val2017",
-            "val_ann": "/srv/fgd/data/coco/annotations/instances_val2017.json",
-        }
-    },
-    "model": {"arch": "retinanet", "backbone": "resnet18", "min_size": 512, "max_size": 683},
-    "teacher": {
-        "checkpoint": "/srv/fgd/data/teachers/retinanet_r50.pt",
-        "model": {"arch": "retinanet", "backbone": "resnet50", "min_size": 512, "max_size": 683},
-    },
-    "train": {"batch_size": 8, "schedule": {"iterations": 3000, "warmup_iters": 100}},
-    "sweep": {
-        "space": {"alpha": {"loguniform": [1e-5, 1e-3]}, "temp": {"choice": [0.5, 1.0]}},
-        "num_samples": 8,
-        "scheduler": "asha",
-        "metric": "bbox_AP",
-    },
+# The POST /jobs example: a small sweep on the generated shapes data (a teacher trained first,
+# four students under ASHA), the same spec `fgd sweep --example` prints. About two minutes on
+# two free CPU cores; no data path to allow (shapes data is generated under FGD_HOME/data).
+EXAMPLE_SPEC: dict[str, Any] = small_sweep()
+EXAMPLE_JOB: dict[str, Any] = {
+    "name": "shapes-alpha-temp-sweep",
+    "priority": 0,
+    "idempotency_key": "shapes-alpha-temp-sweep-1",
+    "max_attempts": 2,
+    "spec": EXAMPLE_SPEC,
 }
 
 
@@ -42,17 +32,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "fgd-r18-alpha-sweep",
-                    "priority": 0,
-                    "idempotency_key": "2025-06-01-alpha-sweep",
-                    "max_attempts": 2,
-                    "spec": EXAMPLE_SPEC,
-                }
-            ]
-        },
+        json_schema_extra={"examples": [EXAMPLE_JOB]},
     )
 
     name: str = Field(min_length=1, max_length=200, description="A label for people.")
@@ -161,6 +141,11 @@ class ResultsPublic(BaseModel):
     metric: str
     mode: Literal["max", "min"]
     rows: list[LeaderboardRow]
+    report: DistillationReport | None = Field(
+        None,
+        description="Teacher, baseline and FGD students side by side, with the gap closed "
+        "(distill jobs with baseline: true, or sweeps over kind).",
+    )
 
 
 class CompareEntry(BaseModel):

@@ -78,3 +78,21 @@ def test_no_pair_no_report_and_a_weak_teacher_closes_nothing() -> None:
     assert distillation_report([_row("distill", 0, 0.1)], group_keys=["train.seed"]) is None
     assert gap_closed(teacher=0.05, baseline=0.06, fgd=0.07) is None
     assert gap_closed(teacher=0.10, baseline=0.06, fgd=0.08) == pytest.approx(0.5)
+
+
+def test_fgd_results_shows_the_report_side_by_side() -> None:
+    from rich.console import Console
+
+    from fgd_cli.views import results_view
+
+    rows = [_row("baseline", 0, 0.07), _row("distill", 0, 0.10)]
+    report = distillation_report(rows, teacher=0.12, group_keys=["train.seed"])
+    answer = {"job_id": "j", "metric": "bbox_AP", "mode": "max", "rows": [], "report": report}
+    console = Console(record=True, width=120)
+    console.print(results_view(answer))
+    text = console.export_text()
+    assert "distillation report" in text and "gap closed" in text
+    assert "train.seed=0" in text and "60 %" in text
+    console = Console(record=True, width=120)
+    console.print(results_view({**answer, "report": None}))
+    assert "distillation report" not in console.export_text()

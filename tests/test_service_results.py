@@ -59,6 +59,7 @@ def test_trials_results_and_compare_from_a_fake_client(api: Api) -> None:
     assert trials[0]["params"] == {"alpha": "1e-4"} and trials[1]["status"] == "FAILED"
     board = api.get(f"/jobs/{done}/results").json()
     assert board["metric"] == "bbox_AP" and board["mode"] == "max"
+    assert board["report"] is None  # no baseline trained alongside
     assert [(row["rank"], row["trial"]["run_id"]) for row in board["rows"]] == [
         (1, "c"),
         (2, "a"),
@@ -91,6 +92,7 @@ def test_mlflow_unreachable_is_503(api: Api) -> None:
 
 @pytest.mark.slow
 def test_trials_and_results_from_a_real_mlflow_server(tmp_path: Path) -> None:
+    from workers.distill_report import distillation_report, log_distillation_report
     from workers.tracking import (
         create_parent_run,
         finish_run,
@@ -116,6 +118,13 @@ def test_trials_and_results_from_a_real_mlflow_server(tmp_path: Path) -> None:
             log_metrics(client, run, {"bbox_AP": ap / 2}, step=1)
             log_metrics(client, run, {"bbox_AP": ap}, step=2)
             finish_run(client, run)
+        rows = [
+            {"kind": "baseline", "train.seed": 0, "bbox_AP": 0.25},
+            {"kind": "distill", "train.seed": 0, "bbox_AP": 0.5, "mlflow_run_id": "r"},
+        ]
+        report = distillation_report(rows, teacher=0.55, group_keys=["train.seed"])
+        assert report is not None
+        log_distillation_report(client, parent, report)
         finish_run(client, parent)
 
         data = tmp_path / "data"
@@ -147,6 +156,10 @@ def test_trials_and_results_from_a_real_mlflow_server(tmp_path: Path) -> None:
             board = http.get(f"/jobs/{job_id}/results", headers=headers).json()
             assert [r["trial"]["trial_key"] for r in board["rows"]] == ["t1", "t2", "t0"]
             assert [r["rank"] for r in board["rows"]] == [1, 2, 3]
+            shown = board["report"]
+            assert shown["teacher"] == pytest.approx(0.55)
+            assert shown["gap_closed"] == pytest.approx(0.25 / 0.30)
+            assert shown["pairs"][0]["group"] == {"train.seed": 0}
             links = http.get(f"/jobs/{job_id}", headers=headers).json()["mlflow"]
             assert links["run_url"] == f"{server.uri}/#/experiments/{exp}/runs/{parent}"
     finally:

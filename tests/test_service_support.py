@@ -132,6 +132,9 @@ class FakeClient:
         parent = filter_string.split("= '")[1].rstrip("'")
         return _Page(r for r in self.runs if r.data.tags.get("mlflow.parentRunId") == parent)
 
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[Any]:
+        return []  # no run here has artifacts (no distillation report)
+
 
 def settings_for(store_url: str, data_root: Path, **over: Any) -> Settings:
     return Settings(

@@ -11,6 +11,7 @@ from service.api.deps import CurrentToken, ResultsDep, SessionDep, VisibleJob
 from service.api.errors import ErrorPublic
 from service.api.routes.jobs import AUTH_ERRORS, NOT_FOUND
 from service.models import FINAL_STATES, Job, JobState
+from service.report import read_report
 from service.results import ResultsReader, ResultsUnavailable, metric_of
 from service.schemas import CompareEntry, ComparePublic, LeaderboardRow, ResultsPublic, TrialPublic
 
@@ -58,8 +59,9 @@ def list_trials(job: VisibleJob, results: ResultsDep) -> list[TrialPublic]:
     responses={**AUTH_ERRORS, **UNAVAILABLE, 404: {"model": ErrorPublic}},
 )
 def read_results(job: VisibleJob, results: ResultsDep) -> ResultsPublic:
-    """The leaderboard: trials ranked by the sweep metric. 404 until the job has finished
-    with at least one trial."""
+    """The leaderboard: trials ranked by the sweep metric, and the distillation report when the
+    job trained baseline and FGD students side by side. 404 until the job has finished with at
+    least one trial."""
     if job.state not in FINAL_STATES:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
@@ -69,7 +71,12 @@ def read_results(job: VisibleJob, results: ResultsDep) -> ResultsPublic:
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job.id} has no trials")
     metric, mode = metric_of(job.spec)
-    return ResultsPublic(job_id=job.id, metric=metric, mode=mode, rows=rows)
+    assert job.mlflow_run_id is not None  # rows come from its nested runs
+    try:
+        report = read_report(results, parent_run_id=job.mlflow_run_id)
+    except ResultsUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+    return ResultsPublic(job_id=job.id, metric=metric, mode=mode, rows=rows, report=report)
 
 
 @router.get(
