@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.models import Token, utcnow
@@ -40,10 +40,13 @@ def verify_token(session: Session, plain: str) -> Token | None:
     """The live token whose hash matches ``plain``, or None."""
     if not plain.startswith(TOKEN_PREFIX) or len(plain) > 200:
         return None
-    row = session.scalar(select(Token).where(Token.token_hash == hash_token(plain)))
+    row = session.scalar(_BY_HASH, {"token_hash": hash_token(plain)})
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+_BY_HASH = select(Token).where(Token.token_hash == bindparam("token_hash"))  # every request
 
 
 def revoke_token(session: Session, token_id: int) -> bool:

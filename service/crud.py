@@ -2,24 +2,32 @@
 
 The API uses the first half (create, read, list, cancel); the dispatcher the second (queue
 order, state transitions, retries, progress, logs copied out of Ray).
+
+Every state change goes through ``TRANSITIONS``; a job leaves QUEUED by being dispatched,
+cancelled, or failed without a dispatch (``fail_queued``: it can never run).
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from typing import cast as cast_type
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, Table, Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.models import ACTIVE_STATES, FINAL_STATES, Job, JobLog, JobState, Token, utcnow
 from service.schemas import JobCreate, canonical_hash
 
 S = JobState
+_JOBS = cast_type(Table, Job.__table__)  # for Core statements: no ORM machinery per execution
+_TOKENS = cast_type(Table, Token.__table__)
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.QUEUED: frozenset({S.DISPATCHED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.DISPATCHED, S.CANCELLED, S.FAILED}),
     S.DISPATCHED: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLING}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
@@ -63,49 +71,79 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
     one key make one job: the owner's token row is locked (PostgreSQL; SQLite serializes
     writers), and the unique constraint backs that up.
 
+    The API's busiest write, kept lean: statements built once, the new row inserted with one
+    Core ``INSERT`` (no unit of work for one row) and returned as a transient ``Job`` holding
+    what was stored.
+
     Raises:
         QuotaExceeded: the owner already has ``quota`` unfinished jobs.
     """
     request_hash = job_in.request_hash()
     # Serialize this owner's submissions: quota counts and key lookups see each other.
-    lock_row(session, Token, owner.id)
-    locked = session.execute(select(Token.quota).where(Token.id == owner.id)).scalar_one()
-    if job_in.idempotency_key is not None:
-        existing = _by_key(session, owner.id, job_in.idempotency_key)
-        if existing is not None:
-            session.commit()  # release the lock; nothing was written
-            return _replay(existing, request_hash), False
-    active = count_active_jobs(session=session, owner_id=owner.id)
+    locked = lock_row(session, Token, owner.id, returning="quota")
+    key = job_in.idempotency_key
+    # The unfinished jobs and the job with this key, if any, in one round trip.
+    active, existing_id = session.execute(_ACTIVE_AND_KEY, {"owner_id": owner.id, "key": key}).one()
+    if existing_id is not None:
+        existing = session.get_one(Job, existing_id)
+        session.commit()  # release the lock; nothing was written
+        return _replay(existing, request_hash), False
     if active >= locked:
         session.rollback()
         raise QuotaExceeded(owner, active)
     spec = job_in.spec.to_dict()
-    job = Job(
-        id=str(uuid.uuid4()),
-        owner_id=owner.id,
-        name=job_in.name,
-        priority=job_in.priority,
-        idempotency_key=job_in.idempotency_key,
-        request_hash=request_hash,
-        spec=spec,
-        spec_hash=canonical_hash(spec),
-        state=JobState.QUEUED,
-        attempt=0,
-        max_attempts=job_in.max_attempts,
-        failures=[],
-    )
-    session.add(job)
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "owner_id": owner.id,
+        "name": job_in.name,
+        "priority": job_in.priority,
+        "idempotency_key": key,
+        "request_hash": request_hash,
+        "spec": spec,
+        "spec_hash": canonical_hash(spec),
+        "state": JobState.QUEUED.value,
+        "attempt": 0,
+        "max_attempts": job_in.max_attempts,
+        "submission_id": None,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "error": None,
+        "progress": None,
+        "mlflow_experiment_id": None,
+        "mlflow_run_id": None,
+        "failures": [],
+    }
     try:
+        session.execute(_INSERT_JOB, values)
         session.commit()
     except IntegrityError:
         session.rollback()
-        if job_in.idempotency_key is None:
+        if key is None:
             raise
-        existing = _by_key(session, owner.id, job_in.idempotency_key)
-        if existing is None:
+        raced = _by_key(session, owner.id, key)
+        if raced is None:
             raise
-        return _replay(existing, request_hash), False
+        return _replay(raced, request_hash), False
+    job = Job(**values)
+    set_committed_value(job, "owner", owner)  # known: the response needs no look-up
     return job, True
+
+
+def _active_query(owner_id: Any) -> Select[int]:
+    return select(func.count()).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
+
+
+# The submission's statements, built once (building one costs about what running it does).
+_ACTIVE_AND_KEY = select(
+    _active_query(bindparam("owner_id")).scalar_subquery(),
+    select(Job.id)
+    .where(Job.owner_id == bindparam("owner_id"), Job.idempotency_key == bindparam("key"))
+    .scalar_subquery(),
+)
+_INSERT_JOB = insert(_JOBS)
 
 
 def _by_key(session: Session, owner_id: int, key: str) -> Job | None:
@@ -120,8 +158,7 @@ def _replay(existing: Job, request_hash: str) -> Job:
 
 def count_active_jobs(*, session: Session, owner_id: int) -> int:
     """The owner's unfinished jobs (what the quota limits)."""
-    query = select(func.count()).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
-    return int(session.scalar(query) or 0)
+    return int(session.scalar(_active_query(owner_id)) or 0)
 
 
 def get_job(*, session: Session, job_id: str, viewer: Token) -> Job | None:
@@ -132,6 +169,35 @@ def get_job(*, session: Session, job_id: str, viewer: Token) -> Job | None:
     return job
 
 
+# What a page of jobs reads: JobPublic's fields, the JSON columns as their stored text.
+_LISTING = (
+    *(
+        _JOBS.c[name]
+        for name in (
+            "id",
+            "name",
+            "priority",
+            "idempotency_key",
+            "state",
+            "attempt",
+            "max_attempts",
+            "submission_id",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error",
+            "mlflow_experiment_id",
+            "mlflow_run_id",
+            "spec_hash",
+        )
+    ),
+    _TOKENS.c.name.label("owner"),
+    cast(_JOBS.c.progress, Text).label("progress"),
+    cast(_JOBS.c.failures, Text).label("failures"),
+    cast(_JOBS.c.spec, Text).label("spec"),
+)
+
+
 def list_jobs(
     *,
     session: Session,
@@ -139,22 +205,42 @@ def list_jobs(
     state: JobState | None = None,
     limit: int = 100,
     offset: int = 0,
-) -> tuple[list[Job], int]:
-    """One page of the jobs ``viewer`` may see, newest first, and the total count."""
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the jobs ``viewer`` may see, newest first, and the total count.
+
+    Plain rows (dicts), not ORM objects: a page is read to be shown, and parsing every stored
+    spec only to serialize it again was most of a page's cost. Each row has ``JobPublic``'s
+    fields (``owner`` is the owner's name), with ``progress``, ``failures`` and ``spec`` as
+    their stored JSON text (``progress`` may be ``"null"``); ``service.api.views.jobs_page_json``
+    renders them.
+    """
+    count_stmt, page_stmt = _listing_statements(not viewer.admin, state is not None)
+    params = {"owner_id": viewer.id, "state": state, "limit": limit, "offset": offset}
+    count = session.scalar(count_stmt, params) or 0
+    page = session.execute(page_stmt, params)
+    keys = list(page.keys())
+    return [dict(zip(keys, row, strict=True)) for row in page], int(count)
+
+
+@functools.cache
+def _listing_statements(by_owner: bool, by_state: bool) -> tuple[Any, Any]:
+    """The count and page statements of a listing (built once per kind of filter)."""
+    jobs = _JOBS.c
     where = []
-    if not viewer.admin:
-        where.append(Job.owner_id == viewer.id)
-    if state is not None:
-        where.append(Job.state == state)
-    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
-    page = session.scalars(
-        select(Job)
+    if by_owner:
+        where.append(jobs.owner_id == bindparam("owner_id"))
+    if by_state:
+        where.append(jobs.state == bindparam("state"))
+    count = select(func.count()).select_from(_JOBS).where(*where)
+    page = (
+        select(*_LISTING)
+        .select_from(_JOBS.join(_TOKENS, _TOKENS.c.id == jobs.owner_id))
         .where(*where)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(page), int(count)
+        .order_by(jobs.created_at.desc(), jobs.id.desc())
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    return count, page
 
 
 def request_cancel(*, session: Session, job: Job) -> Job:
@@ -223,6 +309,49 @@ def mark_finished(*, session: Session, job: Job, state: JobState, error: str | N
     return job
 
 
+def fail_queued(*, session: Session, job: Job, reason: str) -> Job:
+    """QUEUED → FAILED without a dispatch: the job can never run (its stored spec no longer
+    validates, or no node of the cluster fits one trial).
+
+    ``reason`` becomes the job's ``error`` and a ``failures`` entry for the attempt that could
+    not start (``job.attempt + 1``); ``attempt`` and ``submission_id`` stay as they are (nothing
+    was dispatched). The row is locked and re-read first, so a cancel that won the race stands.
+
+    Raises:
+        InvalidTransition: the job is no longer QUEUED (cancelled meanwhile, say).
+    """
+    lock_row(session, Job, job.id)
+    session.refresh(job)
+    if job.state != S.QUEUED:
+        session.rollback()
+        raise InvalidTransition(f"job {job.id}: {job.state} → FAILED is not allowed here")
+    failure = {"attempt": job.attempt + 1, "reason": reason, "at": _now()}
+    job.failures = [*job.failures, failure]
+    _move(job, S.FAILED, reason=reason)
+    session.commit()
+    return job
+
+
+def requeue_unstarted(*, session: Session, job: Job, reason: str) -> Job:
+    """DISPATCHED → QUEUED without spending the attempt: the cluster never had the submission.
+
+    The attempt counter goes back by one and ``submission_id`` is cleared, so the next dispatch
+    submits the same attempt under the same deterministic id; ``failures`` is untouched (no
+    attempt failed), ``reason`` goes to ``error``.
+
+    Raises:
+        InvalidTransition: the job is not DISPATCHED (one that RUNNING has spent its attempt:
+            ``record_failure``).
+    """
+    if job.state != S.DISPATCHED:
+        raise InvalidTransition(f"job {job.id}: only a DISPATCHED job is requeued unstarted")
+    _move(job, S.QUEUED, reason=reason)
+    job.attempt = max(job.attempt - 1, 0)
+    job.submission_id = None
+    session.commit()
+    return job
+
+
 def record_failure(*, session: Session, job: Job, reason: str) -> Job:
     """An attempt failed: back to QUEUED while attempts remain, else FAILED."""
     job.failures = [*job.failures, {"attempt": job.attempt, "reason": reason, "at": _now()}]
@@ -282,15 +411,31 @@ def read_logs(
     return list(session.scalars(query).all())
 
 
-def lock_row(session: Session, model: type[Token] | type[Job], row_id: object) -> None:
+def lock_row(
+    session: Session, model: type[Token] | type[Job], row_id: object, *, returning: str = ""
+) -> Any:
     """Lock ``row_id`` for the rest of the transaction with a no-op UPDATE (see service.db).
 
-    Ends the session's current transaction first, so on SQLite the write lock is the first
-    thing the new transaction takes.
+    On SQLite the session's current transaction is ended first, so the write lock is the first
+    thing the new transaction takes; on PostgreSQL (READ COMMITTED: each statement sees what was
+    committed before it) the lock joins the current transaction, one round trip less.
+
+    Args:
+        returning: the name of a column of the row to read in the same statement; its value
+            is returned (else None).
     """
-    session.commit()
-    stmt = update(model).where(model.id == row_id).values(id=model.id)
-    session.execute(stmt.execution_options(synchronize_session=False))
+    if session.get_bind().dialect.name == "sqlite":
+        session.commit()
+    result = session.execute(_lock_statement(model, returning), {"row_id": row_id})
+    return result.scalar_one() if returning else None
+
+
+@functools.cache
+def _lock_statement(model: type[Token] | type[Job], returning: str) -> Any:
+    """The lock's Core UPDATE, built once per table (``onupdate`` columns still apply)."""
+    table = cast_type(Table, model.__table__)
+    stmt = update(table).where(table.c.id == bindparam("row_id")).values(id=table.c.id)
+    return stmt.returning(table.c[returning]) if returning else stmt
 
 
 def _move(job: Job, to: JobState, *, reason: str | None = None) -> None:

@@ -10,6 +10,8 @@ COMMITTED) it locks that row. The same code serializes on both.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 7_261_451  # pg_advisory_xact_lock key: one migrator at a time
+POOL_SIZE = 10  # connections kept open per API process (PostgreSQL)
+POOL_OVERFLOW = 10  # more, opened under a burst and closed after: 20 at most per process
 
 
 def make_engine(url: str, *, connect_timeout: float = 5.0) -> Engine:
@@ -40,7 +44,18 @@ def make_engine(url: str, *, connect_timeout: float = 5.0) -> Engine:
     connect_args: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
         connect_args["connect_timeout"] = max(1, int(connect_timeout))
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    # A request holds a connection only while one of its steps runs on a worker thread (see
+    # service.api.deps), so a few per process serve many requests; past POOL_SIZE + POOL_OVERFLOW
+    # a step waits for one. Twice SQLAlchemy's default pool: a busy API does not open and close
+    # them by the hundred (each a new PostgreSQL backend), and a few workers stay well within
+    # PostgreSQL's default max_connections (100).
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        connect_args=connect_args,
+    )
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -88,6 +103,96 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_PG_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(('x' || substr(md5("
+    "current_schema() || '/' || %s), 1, 16))::bit(64)::bigint)"
+)
+
+
+class LeaderLock:
+    """At most one holder among all processes on the store (one dispatch loop per service,
+    however many API workers run it).
+
+    PostgreSQL: a session-level advisory lock on a connection of its own, taken off the pool
+    (it dies with the process, and so does the lock). SQLite: an exclusive ``flock`` on a file
+    beside the database; an in-memory database has one process, which always holds it.
+    ``acquire`` never blocks: call it again each tick, the follower takes over once the holder
+    is gone, and a holder whose connection broke learns that it holds nothing.
+    """
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store, self.name = store, name
+        self._conn: Any = None  # PostgreSQL: the DBAPI connection holding the lock
+        self._file: Any = None  # SQLite: the open, locked file
+        self.held = False
+
+    def acquire(self) -> bool:
+        """Whether this process holds the lock now (taking it if free)."""
+        if self.store.dialect == "postgresql":
+            self.held = self._acquire_pg()
+        elif self.store.dialect == "sqlite":
+            self.held = self._acquire_file()
+        else:
+            self.held = True
+        return self.held
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()  # the session ends, and its advisory lock with it
+            self._conn = None
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
+        self.held = False
+
+    def _acquire_pg(self) -> bool:
+        if self._conn is not None:
+            try:  # still ours while the connection lives
+                self._query("SELECT 1")
+                return True
+            except Exception:
+                self.release()
+        fairy = self.store.engine.raw_connection()
+        fairy.detach()  # never handed back to the pool with the lock on it
+        self._conn = fairy.dbapi_connection
+        try:
+            self._conn.rollback()
+            # Advisory locks are per database: the key names the schema too (tests and
+            # services may share a database, one schema each).
+            got = bool(self._query(_PG_TRY_LOCK, self.name))
+        except Exception:
+            self.release()
+            raise
+        if not got:
+            self.release()
+        return got
+
+    def _query(self, sql: str, *params: object) -> Any:
+        """One value, the transaction ended at once (the lock is the session's, not its)."""
+        with self._conn.cursor() as cur:
+            cur.execute(sql, params)
+            row = cur.fetchone()
+        self._conn.commit()
+        return row[0] if row else None
+
+    def _acquire_file(self) -> bool:
+        if self._file is not None:
+            return True
+        database = self.store.engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return True
+        path = Path(database).expanduser().with_name(Path(database).name + f".{self.name}.lock")
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
 
 
 def alembic_config() -> Config:

@@ -20,7 +20,7 @@ from typing import Any
 
 from service import crud
 from service.core.config import Settings
-from service.db import Store
+from service.db import LeaderLock, Store
 from service.dispatch import Dispatcher
 from service.models import Job, JobState
 from service.results import ResultsReader
@@ -80,7 +80,8 @@ def _settle_unknown(session: Any, job: Job, report: ReconcileReport) -> None:
         crud.mark_finished(session=session, job=job, state=S.CANCELLED)
         report.cancelled.append(job.id)
     elif job.state == S.DISPATCHED:
-        _unsubmit(session, job, f"Ray never had submission {sid}; queued again")
+        reason = f"Ray never had submission {sid}; queued again"
+        crud.requeue_unstarted(session=session, job=job, reason=reason)
         report.requeued.append(job.id)
     else:
         reason = f"lost: Ray no longer knows submission {sid} (was its head restarted?)"
@@ -88,21 +89,10 @@ def _settle_unknown(session: Any, job: Job, report: ReconcileReport) -> None:
         report.lost.append(job.id)
 
 
-def _unsubmit(session: Any, job: Job, reason: str) -> None:
-    """DISPATCHED → QUEUED without spending the attempt (resubmitted under the same id)."""
-    if S.QUEUED not in crud.TRANSITIONS[S(job.state)]:
-        raise crud.InvalidTransition(f"job {job.id}: {job.state} → QUEUED is not allowed")
-    job.state = S.QUEUED
-    job.attempt = max(job.attempt - 1, 0)
-    job.submission_id = None
-    job.error = reason
-    session.commit()
-
-
 class MlflowRunLocator:
     """Finds a job's parent run in MLflow by its ``fgd.job_id`` tag (set by the entrypoint).
 
-    Uses the results reader's tracking URI and client factory (a fake one in route tests).
+    Uses the results reader's client (its tracking URI, its injected factory: a fake in tests).
     """
 
     def __init__(self, results: ResultsReader) -> None:
@@ -111,11 +101,7 @@ class MlflowRunLocator:
 
     def __call__(self, job_id: str) -> tuple[str, str] | None:
         if self._client is None:
-            # ResultsReader keeps its factory private; it has no lookup by tag (yet).
-            from workers.tracking import make_client
-
-            factory = getattr(self.results, "_factory", None) or make_client
-            self._client = factory(self.results.tracking_uri())
+            self._client = self.results.client()
         experiments = [e.experiment_id for e in self._client.search_experiments()]
         if not experiments:
             return None
@@ -149,12 +135,20 @@ def ray_dispatcher(settings: Settings, results: ResultsReader) -> Dispatcher:
     if not settings.RAY_ADDRESS:
         raise ValueError("dispatching to Ray needs RAY_ADDRESS (the Ray dashboard's URL)")
     return RayJobsDispatcher(
-        settings.RAY_ADDRESS, env_vars=worker_env(settings, results), python=settings.RAY_PYTHON
+        settings.RAY_ADDRESS,
+        env_vars=worker_env(settings, results),
+        python=settings.RAY_PYTHON,
+        noop=settings.DISPATCH_NOOP,
     )
 
 
 class DispatchLoop:
-    """Reconcile (retried until Ray answers), then ``dispatch_once`` every ``interval`` s."""
+    """Reconcile (retried until Ray answers), then ``dispatch_once`` every ``interval`` s.
+
+    Each API worker process runs one; only the holder of the store's ``dispatch`` leader lock
+    works (``service.db.LeaderLock``), the others wait to take over, so ``uvicorn --workers N``
+    still dispatches each job once.
+    """
 
     def __init__(
         self,
@@ -170,12 +164,17 @@ class DispatchLoop:
         self.max_concurrent, self.interval = max_concurrent, interval
         self.results, self.fail_unfit = results, fail_unfit
         self.locate = MlflowRunLocator(results) if results is not None else None
+        self.leader = LeaderLock(store, "dispatch")
         self.reconciled: ReconcileReport | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def step(self) -> PassReport | None:
-        """One tick (blocking): reconcile if not done yet, else one dispatch pass."""
+        """One tick (blocking): nothing unless this process leads; then reconcile if not done
+        since it took the lead, else one dispatch pass."""
+        if not self.leader.acquire():
+            self.reconciled = None  # whoever leads now reconciled; if we take over, we will
+            return None
         if self.reconciled is None:
             self.reconciled = reconcile(store=self.store, dispatcher=self.dispatcher)
             log.info("reconciled with Ray: %s", self.reconciled)
@@ -209,3 +208,4 @@ class DispatchLoop:
         if self._task is not None:
             await self._task
             self._task = None
+        await asyncio.to_thread(self.leader.release)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -56,11 +57,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes and dependencies run on this many threads (anyio's default is 40). The
+        # event loop that parses and answers every request shares the GIL with them: more
+        # threads than the store has connections only wait, and take turns from the loop.
+        to_thread.current_default_thread_limiter().total_tokens = settings.THREADS
         if migrate:
             await run_in_threadpool(store.migrate)
         loop = None
         if run_loop:
             from service.loop import DispatchLoop
+
+            preload = getattr(dispatcher, "preload", None)  # before the app takes requests
+            if preload is not None:
+                await run_in_threadpool(preload)
 
             loop = DispatchLoop(
                 store=store,

@@ -90,7 +90,6 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_state_created", "owner_id", "state", "created_at"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
-        Index("ix_jobs_state_priority_created", "state", "priority", "created_at"),
         Index("ix_jobs_created", "created_at"),
     )
 
@@ -121,6 +120,12 @@ class Job(Base):
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+
+# The dispatch queue's order (crud.queued_jobs: priority high to low, then oldest first): the
+# next jobs are the index's first entries, however many are queued. Serves ``state = ...``
+# and ``state IN (...)`` look-ups too.
+Index("ix_jobs_queue", Job.state, Job.priority.desc(), Job.created_at, Job.id)
 
 
 class JobLog(Base):

@@ -87,6 +87,12 @@ class RayJobsDispatcher:
         self._nodes: tuple[float, list[dict[str, float]]] | None = None
         self._lock = threading.Lock()
 
+    def preload(self) -> None:
+        """Import Ray's client modules now (seconds, holding the GIL much of the time): at
+        start-up, not in the first dispatch pass while the API is answering requests."""
+        import ray.job_submission  # noqa: F401
+        import ray.util.state  # noqa: F401
+
     # --- the Dispatcher protocol -----------------------------------------------------------
 
     def submit(self, job: JobSubmission) -> str:

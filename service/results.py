@@ -63,17 +63,30 @@ class ResultsReader:
             self._uri = handle.uri
         return self._uri
 
+    def client(self) -> Any:
+        """A client of the tracking server, made by the injected factory (``MlflowClient`` by
+        default).
+
+        Raises:
+            ResultsUnavailable: no tracking server is configured or running.
+        """
+        return self._factory(self.tracking_uri())
+
     def links(self, *, experiment_id: str | None, run_id: str | None) -> MlflowLinks:
+        return MlflowLinks(**self.link_fields(experiment_id=experiment_id, run_id=run_id))
+
+    def link_fields(self, *, experiment_id: str | None, run_id: str | None) -> dict[str, Any]:
+        """``links(...)``'s fields as a dict (a page of jobs validates them all at once)."""
         uri = self.known_uri
         ui = uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else None
         exp_url = f"{ui}/#/experiments/{experiment_id}" if ui and experiment_id else None
-        return MlflowLinks(
-            tracking_uri=uri,
-            experiment_id=experiment_id,
-            run_id=run_id,
-            experiment_url=exp_url,
-            run_url=f"{exp_url}/runs/{run_id}" if exp_url and run_id else None,
-        )
+        return {
+            "tracking_uri": uri,
+            "experiment_id": experiment_id,
+            "run_id": run_id,
+            "experiment_url": exp_url,
+            "run_url": f"{exp_url}/runs/{run_id}" if exp_url and run_id else None,
+        }
 
     def trials(self, *, experiment_id: str, parent_run_id: str) -> list[TrialPublic]:
         """The nested runs of ``parent_run_id``, oldest first."""

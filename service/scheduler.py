@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import crud
 from service.db import Store
 from service.dispatch import Dispatcher, DispatchState, JobSubmission, trial_resources
-from service.models import Job, JobLog, JobState, utcnow
+from service.models import Job, JobLog, JobState
 from service.results import ResultsReader, ResultsUnavailable, metric_of, progress_of
 from workers.spec import JobSpec
 
@@ -62,18 +63,23 @@ def dispatch_once(
         if free <= 0:
             return report
         for job in crud.queued_jobs(session=session, limit=free):
+            try:
+                spec = JobSpec.model_validate(job.spec)
+            except ValidationError as exc:  # stored under an older spec model, say
+                reason = f"the stored spec is no longer a valid JobSpec: {_short(exc)}"
+                _fail_queued(session, job, reason, report)
+                continue
             submission = JobSubmission(
                 job_id=job.id,
                 attempt=job.attempt + 1,
                 name=job.name,
                 spec=job.spec,
-                resources=trial_resources(JobSpec.model_validate(job.spec)),
+                resources=trial_resources(spec),
                 metadata={"fgd_job_id": job.id, "fgd_owner": job.owner.name},
             )
             if not dispatcher.cluster_can_fit(submission.resources):
                 if fail_unfit:
-                    _reject_unfit(session, dispatcher, job, submission)
-                    report.finished.append(job.id)
+                    _fail_queued(session, job, _unfit_reason(dispatcher, submission), report)
                 else:
                     report.waiting_for_resources.append(job.id)
                 continue
@@ -81,6 +87,21 @@ def dispatch_once(
             crud.mark_dispatched(session=session, job=job, submission_id=sid)
             report.submitted.append(job.id)
     return report
+
+
+def _fail_queued(session: Session, job: Job, reason: str, report: PassReport) -> None:
+    """A job that can never run fails straight from QUEUED (unless cancelled meanwhile)."""
+    try:
+        crud.fail_queued(session=session, job=job, reason=reason)
+    except crud.InvalidTransition:
+        log.info("job %s left the queue before it could be failed: %s", job.id, reason)
+        return
+    report.finished.append(job.id)
+
+
+def _short(exc: ValidationError, limit: int = 2_000) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _watch(
@@ -129,10 +150,8 @@ def _watch(
         _note(job, report)
 
 
-def _reject_unfit(
-    session: Session, dispatcher: Dispatcher, job: Job, submission: JobSubmission
-) -> None:
-    """Fail a job whose trials no node can run (the store moves it through DISPATCHED)."""
+def _unfit_reason(dispatcher: Dispatcher, submission: JobSubmission) -> str:
+    """Why no node of the cluster can run one trial of the job."""
     asks = ", ".join(f"{k} {v:g}" for k, v in submission.resources.items() if v > 0)
     reason = f"no node of the cluster can run one trial: it asks for {asks} (sweep.resources)"
     describe = getattr(dispatcher, "describe_capacity", None)
@@ -141,9 +160,7 @@ def _reject_unfit(
             reason += f"; the cluster has {describe()}"
         except Exception:  # the message only
             log.debug("describing the cluster failed", exc_info=True)
-    crud.mark_dispatched(session=session, job=job, submission_id=submission.submission_id)
-    job.failures = [*job.failures, {"attempt": job.attempt, "reason": reason, "at": _now()}]
-    crud.mark_finished(session=session, job=job, state=JobState.FAILED, error=reason)
+    return reason
 
 
 def _locate_run(session: Session, job: Job, locate: Locate) -> None:
@@ -157,10 +174,6 @@ def _locate_run(session: Session, job: Job, locate: Locate) -> None:
         crud.update_progress(
             session=session, job=job, mlflow_experiment_id=experiment_id, mlflow_run_id=run_id
         )
-
-
-def _now() -> str:
-    return utcnow().isoformat()
 
 
 def _note(job: Job, report: PassReport) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from test_service_support import Api, fake_run, job_body, spec
+from types import SimpleNamespace
+from typing import Any
+
+from test_service_support import Api, FakeClient, fake_run, job_body, spec
 
 from service import crud
 from service.dispatch import DispatchState, InProcessDispatcher, submission_id
+from service.loop import DispatchLoop, MlflowRunLocator
 from service.models import Job
-from service.scheduler import dispatch_once
+from service.results import ResultsReader
+from service.scheduler import PassReport, dispatch_once
 
 pytest_plugins = ["test_service_support"]  # the store / api fixtures
 
 
-def _pass(api: Api, max_concurrent: int = 2, **kw: object):  # type: ignore[no-untyped-def]
+def _pass(api: Api, max_concurrent: int = 2, **kw: Any) -> PassReport:
     return dispatch_once(
         store=api.store, dispatcher=api.dispatcher, max_concurrent=max_concurrent, **kw
     )
@@ -98,3 +103,93 @@ def test_in_process_dispatcher_is_a_dispatcher() -> None:
     from service.dispatch import Dispatcher
 
     assert isinstance(InProcessDispatcher(), Dispatcher)
+
+
+def test_a_job_whose_stored_spec_no_longer_validates_fails_from_the_queue(api: Api) -> None:
+    bad = api.submit(name="bad", priority=5).json()["id"]
+    good = api.submit(name="good").json()["id"]
+    with api.store.session() as session:
+        job = session.get(Job, bad)
+        assert job is not None
+        job.spec = {**job.spec, "model": {**job.spec["model"], "backbone": "resnet7"}}
+        session.commit()
+    report = _pass(api)  # the bad job does not stall the queue
+    assert report.finished == [bad] and report.submitted == [good]
+    failed = api.get(f"/jobs/{bad}").json()
+    assert failed["state"] == "FAILED" and failed["attempt"] == 0
+    assert failed["submission_id"] is None and "model.backbone" in failed["error"]
+    assert failed["failures"][0]["reason"] == failed["error"]
+    assert submission_id(bad, 1) not in api.dispatcher.submitted
+    assert _pass(api).finished == []  # settled: not looked at again
+
+
+def test_unfit_jobs_fail_from_the_queue_without_a_submission(api: Api) -> None:
+    api.dispatcher.capacity = {"CPU": 4.0, "GPU": 0.0}
+    sweep = {"space": {"alpha": {"uniform": [0.0, 1.0]}}, "resources": {"cpu": 8, "gpu": 0}}
+    big = api.post("/jobs", json=job_body(spec=spec(sweep=sweep))).json()["id"]
+    report = _pass(api, fail_unfit=True)
+    assert report.finished == [big] and report.submitted == [] and not api.dispatcher.submitted
+    job = api.get(f"/jobs/{big}").json()
+    assert (job["state"], job["attempt"], job["submission_id"]) == ("FAILED", 0, None)
+    assert "CPU 8" in job["error"] and job["failures"][0]["attempt"] == 1
+
+
+class _TaggedClient(FakeClient):
+    """A fake MLflow client that also finds parent runs by their ``fgd.job_id`` tag."""
+
+    def __init__(self, runs: list[Any], parents: dict[str, str]) -> None:
+        super().__init__(runs)
+        self.parents = parents  # job id -> run id
+
+    def search_experiments(self) -> list[Any]:
+        return [SimpleNamespace(experiment_id="7")]
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "", **kw: Any) -> Any:
+        if filter_string.startswith("tags.`fgd.job_id`"):
+            job_id = filter_string.split("= '")[1].rstrip("'")
+            run = self.parents.get(job_id)
+            info = SimpleNamespace(experiment_id=experiment_ids[0], run_id=run)
+            return [] if run is None else [SimpleNamespace(info=info)]
+        return super().search_runs(experiment_ids, filter_string, **kw)
+
+
+def test_the_run_locator_uses_the_readers_client(api: Api) -> None:
+    parents: dict[str, str] = {}
+    made: list[str] = []
+    runs = [fake_run("parent-1", "t", 0.25)]
+
+    def factory(uri: str) -> _TaggedClient:
+        made.append(uri)
+        return _TaggedClient(runs, parents)
+
+    results = ResultsReader(tracking_uri="http://mlflow.test:5000", client_factory=factory)
+    job_id = api.submit().json()["id"]
+    locate = MlflowRunLocator(results)
+    assert locate(job_id) is None and made == ["http://mlflow.test:5000"]
+    parents[job_id] = "parent-1"
+    _pass(api, results=results, locate=locate)  # submitted
+    _pass(api, results=results, locate=locate)  # on Ray: located, then its progress read
+    job = api.get(f"/jobs/{job_id}").json()
+    assert job["mlflow"]["experiment_id"] == "7" and job["mlflow"]["run_id"] == "parent-1"
+    assert job["best_metric"]["value"] == 0.25
+    assert made.count("http://mlflow.test:5000") == 2
+
+
+def test_one_dispatch_loop_leads_however_many_workers_run_one(api: Api) -> None:
+    first, second = (
+        DispatchLoop(store=api.store, dispatcher=api.dispatcher, max_concurrent=5, interval=1.0)
+        for _ in range(2)
+    )
+    try:
+        job_id = api.submit().json()["id"]
+        assert first.step() is not None and first.reconciled is not None  # leads
+        assert second.step() is None and second.reconciled is None  # waits
+        assert list(api.dispatcher.submitted) == [submission_id(job_id, 1)]
+        assert first.step() is not None  # still leads
+        first.leader.release()  # its worker stopped
+        assert second.step() is not None and second.reconciled is not None  # took over
+        assert first.step() is None and first.reconciled is None
+        assert list(api.dispatcher.submitted) == [submission_id(job_id, 1)]
+    finally:
+        first.leader.release()
+        second.leader.release()

@@ -41,7 +41,7 @@ def test_migrations_match_the_models(store: Store) -> None:
     with store.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
-        assert ctx.get_current_revision() == "0001_initial"
+        assert ctx.get_current_revision() == "0002_queue_index"
 
 
 def test_queue_order_priority_then_age(store: Store) -> None:
@@ -172,3 +172,60 @@ def test_cli_hook_creates_a_token(store: Store, capsys: pytest.CaptureFixture[st
         row = verify_token(session, plain)
         assert row is not None and (row.name, row.quota, row.admin) == ("cli-user", 7, False)
         assert session.scalar(select(Token.name).where(Token.id == row.id)) == "cli-user"
+
+
+def test_a_queued_job_fails_without_a_dispatch(store: Store) -> None:
+    owner = _owner(store, quota=1)
+    job = _create(store, owner)
+    with store.session() as session:
+        job = session.get(Job, job.id)  # type: ignore[assignment]
+        crud.fail_queued(session=session, job=job, reason="spec: unknown backbone")
+        assert (job.state, job.attempt, job.submission_id) == (JobState.FAILED, 0, None)
+        assert job.error == "spec: unknown backbone" and job.finished_at is not None
+        assert [(f["attempt"], f["reason"]) for f in job.failures] == [
+            (1, "spec: unknown backbone")
+        ]
+        assert crud.queued_jobs(session=session, limit=10) == []
+        assert crud.count_active_jobs(session=session, owner_id=owner.id) == 0
+        with pytest.raises(crud.InvalidTransition):
+            crud.fail_queued(session=session, job=job, reason="again")
+    _create(store, owner, name="next")  # the failed job no longer counts against quota 1
+    with store.session() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None and stored.state == JobState.FAILED
+        assert stored.failures[0]["reason"] == "spec: unknown backbone"
+
+
+def test_failing_a_queued_job_loses_to_a_cancel_that_came_first(store: Store) -> None:
+    job = _create(store, _owner(store))
+    with store.session() as dispatcher_side, store.session() as api_side:
+        stale = dispatcher_side.get(Job, job.id)  # read while QUEUED
+        assert stale is not None and stale.state == JobState.QUEUED
+        dispatcher_side.commit()
+        crud.request_cancel(session=api_side, job=api_side.get_one(Job, job.id))
+        with pytest.raises(crud.InvalidTransition):
+            crud.fail_queued(session=dispatcher_side, job=stale, reason="unfit")
+    with store.session() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None and stored.state == JobState.CANCELLED and stored.failures == []
+
+
+def test_requeue_unstarted_gives_the_attempt_back(store: Store) -> None:
+    job = _create(store, _owner(store), max_attempts=1)
+    with store.session() as session:
+        job = session.get(Job, job.id)  # type: ignore[assignment]
+        crud.mark_dispatched(session=session, job=job, submission_id=f"fgd-{job.id}-1")
+        crud.requeue_unstarted(session=session, job=job, reason="the cluster never had it")
+        assert (job.state, job.attempt, job.submission_id) == (JobState.QUEUED, 0, None)
+        assert job.error == "the cluster never had it" and job.failures == []
+        assert [j.id for j in crud.queued_jobs(session=session, limit=5)] == [job.id]
+        # The same attempt is dispatched again: max_attempts=1 still allows it.
+        crud.mark_dispatched(session=session, job=job, submission_id=f"fgd-{job.id}-1")
+        assert job.attempt == 1
+        crud.mark_running(session=session, job=job)
+        with pytest.raises(crud.InvalidTransition):  # it started: that attempt is spent
+            crud.requeue_unstarted(session=session, job=job, reason="lost")
+        assert job.state == JobState.RUNNING
+    with store.session() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None and (stored.state, stored.attempt) == (JobState.RUNNING, 1)

@@ -1,13 +1,19 @@
-"""What routes get injected: the store's session, the dispatcher, MLflow results, the caller."""
+"""What routes get injected: the store's session, the dispatcher, MLflow results, the caller.
+
+Dependencies that only read ``app.state`` are ``async def``: FastAPI runs a plain ``def``
+dependency in a worker thread, and each such hop costs a thread handoff (and, under load, a
+wait for the GIL) on every request. Only what touches the database runs in a thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import crud
 from service.auth import verify_token
@@ -23,25 +29,45 @@ bearer = HTTPBearer(
 )
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_session(store: Annotated[Store, Depends(get_store)]) -> Iterator[Session]:
-    with store.session() as session:
+async def get_session(store: Annotated[Store, Depends(get_store)]) -> AsyncIterator[Session]:
+    """A session for the request (opening one does no I/O); closed after the response, in a
+    worker thread when it still holds a connection (closing rolls back what was not committed).
+    """
+    session = store.sessions()
+    try:
         yield session
+    finally:
+        if session.get_transaction() is None:
+            session.close()  # no connection: nothing to wait for
+        else:
+            await run_in_threadpool(session.close)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
-def get_results(request: Request) -> ResultsReader:
+async def get_results(request: Request) -> ResultsReader:
     return request.app.state.results
+
+
+def _release(session: Session) -> None:
+    """End a dependency's read, so its connection goes back to the pool before the next step.
+
+    Each ``def`` dependency and the route run as separate hops to the thread pool. A
+    connection held between hops waits for a free thread, while every thread may be waiting for
+    a connection: under load the pool and the threads would starve each other (until the pool's
+    timeout). Read rows stay loaded (``expire_on_commit=False``).
+    """
+    session.commit()
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
@@ -63,6 +89,7 @@ def get_current_token(
             headers={"WWW-Authenticate": "Bearer"},
         )
     token = verify_token(session, credentials.credentials)
+    _release(session)
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -78,6 +105,7 @@ CurrentToken = Annotated[Token, Depends(get_current_token)]
 def get_visible_job(job_id: str, session: SessionDep, token: CurrentToken) -> Job:
     """The job ``job_id`` if the caller may see it; 404 otherwise (even if it exists)."""
     job = crud.get_job(session=session, job_id=job_id, viewer=token)
+    _release(session)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}")
     return job

@@ -18,6 +18,10 @@ Variables (all optional in development)::
                             runs the dispatch loop (service.loop) against RAY_ADDRESS
     FGD_DISPATCH_INTERVAL   seconds between dispatch passes
     FGD_RAY_PYTHON          the interpreter of the Ray Job entrypoint command on the cluster
+    FGD_DISPATCH_NOOP       true: every Ray Job runs the entrypoint with --noop and exits at
+                            once (load benchmarks: dispatch runs, nothing trains)
+    FGD_THREADS             worker threads per API process for the routes that use the
+                            database (each holds at most one pooled connection)
     FGD_UNFIT_JOBS          fail | wait: a job whose trials no node can run fails at once, or
                             waits (for a cluster that autoscales to such nodes)
     MLFLOW_TRACKING_URI     where results are read (MLflow's own variable); default: the
@@ -57,6 +61,8 @@ class Settings(BaseSettings):
     DISPATCH: Literal["ray", "none"] | None = None
     DISPATCH_INTERVAL: float = Field(default=1.0, gt=0)
     RAY_PYTHON: str = "python"
+    DISPATCH_NOOP: bool = False
+    THREADS: int = Field(default=8, ge=1)
     UNFIT_JOBS: Literal["fail", "wait"] = "fail"
     MLFLOW_TRACKING_URI: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")

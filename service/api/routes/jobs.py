@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 
 from service import crud
 from service.api.deps import (
@@ -17,9 +17,9 @@ from service.api.deps import (
     VisibleJob,
 )
 from service.api.errors import ErrorPublic, ValidationErrorPublic, validation_error
-from service.api.views import job_public
+from service.api.views import job_json, job_public, jobs_page_json
 from service.models import JobState
-from service.schemas import CancelPublic, JobCreate, JobPublic, JobsPublic
+from service.schemas import EXAMPLE_JOB, CancelPublic, JobCreate, JobPublic, JobsPublic
 from service.validation import PathNotAllowed, check_data_paths
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,16 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic, "description": "No such job among yours."},
+}
+
+# The request body's example in the OpenAPI schema (Swagger's "Try it out").
+SUBMIT_EXAMPLES = {
+    "shapes-sweep": {
+        "summary": "A small FGD sweep on generated shapes data (about two minutes on 2 CPUs)",
+        "description": "A ResNet-34 teacher is trained first, then four ResNet-18 students "
+        "search alpha and the temperature under ASHA; `fgd sweep --example` prints the spec.",
+        "value": EXAMPLE_JOB,
+    }
 }
 
 
@@ -47,13 +57,12 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     },
 )
 def submit_job(
-    job_in: JobCreate,
-    response: Response,
+    job_in: Annotated[JobCreate, Body(openapi_examples=SUBMIT_EXAMPLES)],
     session: SessionDep,
     token: CurrentToken,
     settings: SettingsDep,
     results: ResultsDep,
-) -> JobPublic:
+) -> Response:
     """Queue a job. Data paths (COCO files, shapes root, teacher checkpoint) must lie under
     the service's data roots."""
     try:
@@ -66,9 +75,9 @@ def submit_job(
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
     except crud.QuotaExceeded as exc:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=str(exc)) from None
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return job_public(job, results)
+    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    # A JobPublic, serialized in this worker thread (a returned model would take another hop).
+    return Response(job_json(job, results), status_code=code, media_type="application/json")
 
 
 @router.get("", response_model=JobsPublic, responses=AUTH_ERRORS)
@@ -79,12 +88,14 @@ def list_jobs(
     state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> JobsPublic:
+) -> Response:
     """Your jobs, newest first (an admin token sees everyone's)."""
-    jobs, count = crud.list_jobs(
+    rows, count = crud.list_jobs(
         session=session, viewer=token, state=state, limit=limit, offset=offset
     )
-    return JobsPublic(data=[job_public(j, results) for j in jobs], count=count)
+    session.close()  # the page is read: the connection goes back before rendering
+    # A JobsPublic, rendered here with the stored specs passed through (views.jobs_page_json).
+    return Response(jobs_page_json(rows, count, results), media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={**AUTH_ERRORS, **NOT_FOUND})
