@@ -296,7 +296,7 @@ def test_results_render_sections_the_api_adds() -> None:
         "metric": "bbox_AP",
         "mode": "max",
         "rows": [{"rank": 1, "value": 0.5, "trial": trial}],
-        "report": {
+        "extra": {
             "summary": {"teacher_AP": 0.61, "student_AP": 0.5, "gain": 0.04},
             "pairs": [{"seed": 0, "baseline": 0.46, "fgd": 0.5}],
             "note": "two seeds",
@@ -306,6 +306,6 @@ def test_results_render_sections_the_api_adds() -> None:
     console = Console(width=120, record=True, file=io.StringIO())
     console.print(results_view(answer))
     text = console.export_text()
-    for part in ("report.summary", "teacher_AP", "0.61", "report.pairs", "baseline", "0.46"):
+    for part in ("extra.summary", "teacher_AP", "0.61", "extra.pairs", "baseline", "0.46"):
         assert part in text, (part, text)
-    assert "report.note: two seeds" in text and "plots: alpha.png, temp.png" in text
+    assert "extra.note: two seeds" in text and "plots: alpha.png, temp.png" in text
