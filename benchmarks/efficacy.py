@@ -290,6 +290,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage", default=None, help="Tune storage (default $FGD_HOME/tune)")
     p.add_argument("--no-teacher-cache", action="store_true", help="train the teacher again")
     p.add_argument(
+        "--resume",
+        metavar="NAME",
+        default=None,
+        help="finish the students' sweep NAME (printed at its start) after its "
+        "driver died: finished trials are kept, the others restart from checkpoints",
+    )
+    p.add_argument(
         "--search",
         type=int,
         default=0,
@@ -340,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     t_students = time.perf_counter()
     job = students_job(scale, args.data_seed, args.seeds, {"checkpoint": teacher["weights"]})
-    name = f"efficacy-ds{args.data_seed}-{args.scale}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.resume or (
+        f"efficacy-ds{args.data_seed}-{args.scale}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     print(f"students: {2 * args.seeds} trials ({name})", flush=True)
     result = run_sweep(
         job,
@@ -349,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment="fgd-efficacy",
         storage_path=storage,
         teacher_metrics=teacher["metrics"],
+        resume=args.resume is not None,
     )
     students_wall = time.perf_counter() - t_students
     client = make_client(uri)
