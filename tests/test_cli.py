@@ -344,7 +344,9 @@ def test_missing_files_are_clear_errors(tmp_path):
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    output = ok(invoke("demo", "--local", "--quick", "--out", out, env={"FGD_HOME": str(tmp_path / "home")}))
+    output = ok(
+        invoke("demo", "--local", "--quick", "--out", out, env={"FGD_HOME": str(tmp_path / "home")})
+    )
     assert "student + FGD" in output and "train time" in output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"teacher", "baseline", "distill"}
