@@ -199,16 +199,11 @@ def run_sweep(
     storage = tune_storage_path(storage_path)
     _ensure_ray(ray_address)
 
-    if (
-        teacher_uri is None
-        and spec.kind == "distill"
-        and spec.teacher is not None
-        and spec.teacher.train
-    ):
-        # "Train one first": a one-trial teacher job, registered, whose weights the trials fetch.
-        teacher = run_sweep(
-            spec.teacher_job(),
-            name=f"{name}-teacher",
+    def sub_sweep(job: JobSpec, suffix: str) -> SweepResult:
+        """A sweep this one runs first (its teacher, its baseline), named after it."""
+        return run_sweep(
+            job,
+            name=f"{name}-{suffix}",
             tracking_uri=uri,
             experiment=experiment,
             storage_path=storage,
@@ -216,26 +211,23 @@ def run_sweep(
             resume=resume,
             callbacks=callbacks,
         )
+
+    if (
+        teacher_uri is None
+        and spec.kind == "distill"
+        and spec.teacher is not None
+        and spec.teacher.train
+    ):
+        # "Train one first": a one-trial teacher job, registered, whose weights the trials fetch.
+        teacher = sub_sweep(spec.teacher_job(), "teacher")
         if teacher.best is None or not teacher.best.mlflow_run_id:
             raise RuntimeError(f"the teacher job of sweep {name} produced no model")
         teacher_uri = f"runs:/{teacher.best.mlflow_run_id}/model/state_dict.pt"
         teacher_metrics = teacher_metrics or teacher.best.metrics
     spec, sweep, baseline = _with_baseline(spec, sweep)
-    if baseline is not None:
-        # A baseline the main sweep cannot hold (a search or an early-stopping scheduler):
-        # its own sweep first, over the same seeds, named after this one.
-        baseline_rows = run_sweep(
-            baseline,
-            name=f"{name}-baseline",
-            tracking_uri=uri,
-            experiment=experiment,
-            storage_path=storage,
-            ray_address=ray_address,
-            resume=resume,
-            callbacks=callbacks,
-        ).rows
-    else:
-        baseline_rows = []
+    # A baseline the main sweep cannot hold (a search or an early-stopping scheduler) gets
+    # its own sweep first, over the same seeds.
+    baseline_rows = sub_sweep(baseline, "baseline").rows if baseline is not None else []
     parent = _find_parent(client, experiment_id, name) if resume else None
     if parent is None:
         parent = create_parent_run(
