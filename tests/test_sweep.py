@@ -87,8 +87,17 @@ def test_asha_sweep_stops_trials_early_and_logs_nested_runs(env, local_ray, tmp_
     assert len(result.rows) == 4
     steps = [r.metrics.get("step") for r in result.rows]
     assert min(steps) < 6 <= max(steps), steps  # at least one trial stopped early
+    client = _client(env["uri"])
     for row in result.rows:  # a stopped trial is KILLED in MLflow, not FAILED
         assert row.run_status == ("FINISHED" if row.metrics["step"] == 6 else "KILLED"), row
+        if row.run_status == "FINISHED":  # the final checkpoint, the weights, the COCO files
+            files = {
+                f.path
+                for folder in ("checkpoint", "model", "coco")
+                for f in client.list_artifacts(row.mlflow_run_id, folder)
+            }
+            assert {"checkpoint/state.pt", "model/state_dict.pt"} <= files, files
+            assert "coco/metrics_val.json" in files, files
     runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
     assert len(runs) == 4
     for run in runs:

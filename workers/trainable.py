@@ -11,7 +11,9 @@ import copy
 import json
 import math
 import os
+import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -179,30 +181,47 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
         teacher_eval.update({f"teacher_{k}": v for k, v in metrics.items()})
         log_metrics(client, run_id, teacher_eval, 0)
 
+    final_step = job_cfg.train.schedule.iterations
+    uploads = _Uploads()
+
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         if "fgd_hparams" in state:
             in_force.update(state["fgd_hparams"])
             log_metrics(client, run_id, {f"hp/{k}": v for k, v in in_force.items()}, step)
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, Path(folder) / STATE_FILE)
-            if step == job_cfg.train.schedule.iterations:
-                log_artifact_file(client, run_id, Path(folder) / STATE_FILE, "checkpoint")
-            meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
-            (Path(folder) / META_FILE).write_text(json.dumps(meta))
-            report = {k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)}
-            report.update({k: v for k, v in evaluations.get(step, {}).items() if math.isfinite(v)})
-            report.update({"step": step, **{f"hp/{k}": v for k, v in in_force.items()}})
-            report["node_id"] = node_id
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+        folder = Path(tempfile.mkdtemp(prefix="fgd-ckpt-"))
+        save_checkpoint(state, folder / STATE_FILE)
+        meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
+        (folder / META_FILE).write_text(json.dumps(meta))
+        if step == final_step:
+            # The final checkpoint goes to MLflow while Tune persists its own copy; the folder
+            # is removed once both are done.
+            uploads.submit(log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint")
+            uploads.cleanup(folder)
+        report: dict[str, Any] = {
+            k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)
+        }
+        report.update({k: v for k, v in evaluations.get(step, {}).items() if math.isfinite(v)})
+        report.update({"step": step, **{f"hp/{k}": v for k, v in in_force.items()}})
+        report["node_id"] = node_id
+        try:
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        finally:
+            if step != final_step:
+                shutil.rmtree(folder, ignore_errors=True)
 
     callbacks = Callbacks(
         on_metrics=on_metrics,
         on_evaluation=on_evaluation,
         on_checkpoint=on_checkpoint,
         on_teacher_evaluation=on_teacher,
+        # on_checkpoint serializes the state before it returns: no copy of it is needed.
+        copy_checkpoint_state=False,
     )
     try:
-        result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+        try:
+            result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+        finally:
+            uploads.wait()
     except SystemExit:
         # Tune stops a trial (ASHA, a time budget) by exiting its thread at the next report.
         finish_run(client, run_id, "KILLED")
@@ -210,10 +229,42 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     except BaseException:
         finish_run(client, run_id, "FAILED")
         raise
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "state_dict.pt"
-        torch.save(result.model_state, weights)
-        log_artifact_file(client, run_id, weights, "model")
+    folder = Path(tempfile.mkdtemp(prefix="fgd-model-"))
+    torch.save(result.model_state, folder / "state_dict.pt")
+    uploads.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
+    uploads.cleanup(folder)
     log_json_artifact(client, run_id, result.detections, "coco/detections_val.json")
     log_json_artifact(client, run_id, result.metrics, "coco/metrics_val.json")
+    uploads.wait()
     finish_run(client, run_id, "FINISHED")
+
+
+class _Uploads:
+    """MLflow uploads on one background thread, so a trial goes on while its files travel.
+
+    ``wait`` blocks until every upload is done, removes the folders handed to ``cleanup`` and
+    raises the first upload error.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Any]] = []
+        self._folders: list[Path] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgd-upload")
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def cleanup(self, folder: Path) -> None:
+        self._folders.append(folder)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            for folder in self._folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._folders.clear()

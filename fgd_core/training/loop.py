@@ -46,6 +46,9 @@ class Callbacks:
     on_teacher_evaluation: Callable[[dict[str, float]], None] | None = None  # before training
     on_progress: Callable[[int, int], None] | None = None  # step, total steps
     should_stop: Callable[[int], bool] | None = None  # asked after every step
+    # on_checkpoint gets a deep copy of the state, which it may keep; False hands it the live
+    # tensors, for a callback that serializes them before it returns (no copy is made).
+    copy_checkpoint_state: bool = True
 
 
 @dataclass
@@ -155,19 +158,19 @@ def train_loop(
         set_rng_state(resume["rng"])
 
     def state(step: int) -> dict[str, Any]:
-        # Copies, not views of live tensors: the state stays as it was at `step` while
-        # training goes on (a callback may keep it in memory or hand it to another thread).
-        return copy.deepcopy(
-            {
-                **mod.checkpoint_state(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "rng": rng_state(),
-                **(extra_state() if extra_state else {}),
-            }
-        )
+        # Copies, not views of live tensors, unless the callback says it serializes at once:
+        # the state stays as it was at `step` while training goes on (a callback may keep it
+        # in memory or hand it to another thread).
+        live = {
+            **mod.checkpoint_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": rng_state(),
+            **(extra_state() if extra_state else {}),
+        }
+        return copy.deepcopy(live) if cb.copy_checkpoint_state else live
 
     total_steps = config.schedule.iterations
     result = LoopResult(steps=start)
