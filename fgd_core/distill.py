@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +124,8 @@ class Distiller(nn.Module):
         self.teacher.eval()
         self.config = config
         self.levels = matched_levels(student, teacher, config.levels)
-        s_tf, t_tf = student.transform, teacher.transform
+        s_tf: Any = student.transform
+        t_tf: Any = teacher.transform
         same = (
             tuple(s_tf.min_size) == tuple(t_tf.min_size)
             and s_tf.max_size == t_tf.max_size
