@@ -148,6 +148,7 @@ class Distiller(nn.Module):
             gamma=config.gamma,
             lambda_=config.lambda_,
             box_frame=config.box_frame,
+            compile=config.compile,
         )
 
     def train(self, mode: bool = True) -> Distiller:

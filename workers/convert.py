@@ -127,6 +127,7 @@ def fgd_config(spec: FGDSpec) -> FGDConfig:
         inherit=spec.inherit,
         calibrate_ratio=spec.calibrate_ratio,
         calibrate_temp=spec.calibrate_temp,
+        compile=spec.compile,
     )
 
 

@@ -1,5 +1,10 @@
-"""FGD losses: the per-level loss, the multi-level wrapper, masks and calibration."""
+"""FGD losses: the per-level loss, the multi-level wrapper, masks and calibration.
 
+The dense terms have an eager form (`dense`) and an opt-in compiled one (`compiled`; FGDLoss
+and MultiLevelFGD take `compile=`, or the env var FGD_COMPILE).
+"""
+
+from fgd_core.losses.compiled import CompiledLevel, compile_requested
 from fgd_core.losses.fgd import LOSS_KEYS, TERMS, FGDLoss, MultiLevelFGD, weight_terms
 from fgd_core.losses.gcblock import ContextBlock
 from fgd_core.losses.masks import build_masks
@@ -7,10 +12,12 @@ from fgd_core.losses.masks import build_masks
 __all__ = [
     "LOSS_KEYS",
     "TERMS",
+    "CompiledLevel",
     "ContextBlock",
     "FGDLoss",
     "MultiLevelFGD",
     "build_masks",
+    "compile_requested",
     "weight_terms",
 ]
 

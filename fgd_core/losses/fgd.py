@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from fgd_core.losses.compiled import compile_requested, compiled_terms
 from fgd_core.losses.dense import dense_terms
 from fgd_core.losses.gcblock import ContextBlock
 from fgd_core.losses.masks import BoxFrame, build_masks, validate_boxes
@@ -34,6 +35,11 @@ class FGDLoss(nn.Module):
 
     The weights (`alpha`, `beta`, `gamma`, `lambda_`) and `temp` are plain attributes: they may
     change between steps (calibration, PBT) without rebuilding the module.
+
+    `compile` picks how the dense terms are computed: False the eager path
+    (`fgd_core.losses.dense`), True the `torch.compile`d one (`fgd_core.losses.compiled`, with
+    an eager fallback), None (default) the env var FGD_COMPILE ("1" or "true" enables), read at
+    each call. Both give the same values and gradients.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class FGDLoss(nn.Module):
         gamma: float,
         lambda_: float,
         box_frame: BoxFrame = "padded",
+        compile: bool | None = None,
     ) -> None:
         super().__init__()
         if box_frame not in ("padded", "image"):
@@ -59,6 +66,8 @@ class FGDLoss(nn.Module):
         self.gamma = float(gamma)
         self.lambda_ = float(lambda_)
         self.box_frame: BoxFrame = box_frame
+        # Not `self.compile`: that would hide nn.Module.compile.
+        self.use_compile: bool | None = compile
         # 1x1 conv (with bias) mapping the student's width to the teacher's, only when they differ.
         self.align: nn.Module | None = None
         if student_channels != teacher_channels:
@@ -66,6 +75,11 @@ class FGDLoss(nn.Module):
             nn.init.kaiming_uniform_(self.align.weight, a=5**0.5)
         self.student_context = ContextBlock(teacher_channels)
         self.teacher_context = ContextBlock(teacher_channels)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the next call takes the compiled path (`compile`, else FGD_COMPILE)."""
+        return compile_requested(self.use_compile)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -118,7 +132,8 @@ class FGDLoss(nn.Module):
         validate_boxes(boxes, B)
         fg, bg = build_masks(boxes, (H, W), batch_input_size, image_sizes, box_frame=self.box_frame)
         s = self.align(student_feat) if self.align is not None else student_feat
-        return dense_terms(
+        terms = compiled_terms if self.compiled else dense_terms
+        return terms(
             s.float(),
             teacher_feat.detach().float(),
             fg.to(s.device),
@@ -161,7 +176,10 @@ def weight_terms(raw: Mapping[str, Tensor], weights: Mapping[str, float]) -> dic
 
 
 class MultiLevelFGD(nn.Module):
-    """One FGDLoss per FPN level (an `nn.ModuleDict` keyed by level name), summed over levels."""
+    """One FGDLoss per FPN level (an `nn.ModuleDict` keyed by level name), summed over levels.
+
+    `compile` is passed to every level (see FGDLoss); the levels share one compiled function.
+    """
 
     def __init__(
         self,
@@ -175,6 +193,7 @@ class MultiLevelFGD(nn.Module):
         gamma: float,
         lambda_: float,
         box_frame: BoxFrame = "padded",
+        compile: bool | None = None,
     ) -> None:
         super().__init__()
         if not levels:
@@ -190,6 +209,7 @@ class MultiLevelFGD(nn.Module):
                     gamma=gamma,
                     lambda_=lambda_,
                     box_frame=box_frame,
+                    compile=compile,
                 )
                 for name in levels
             }

@@ -78,6 +78,7 @@ class FGDConfig:
     inherit: bool = False  # start the student from the teacher's neck and head where shapes match
     calibrate_ratio: float | None = None  # rescale the weights on the first batch to this ratio
     calibrate_temp: bool = True  # when calibrating, also propose a spread temperature
+    compile: bool | None = None  # torch.compile the loss (None: the env var FGD_COMPILE)
 
     @property
     def hparams(self) -> dict[str, float]:
