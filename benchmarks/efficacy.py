@@ -6,7 +6,7 @@ The benchmark is two jobs of the project, run through Ray Tune and MLflow like a
 
 1. a teacher job (a ResNet-34 RetinaNet), cached per data seed and configuration under
    ``$FGD_HOME/cache/efficacy/`` so that reruns reuse it;
-2. a distill job with a sweep over ``kind: [baseline, distill] x train.seed: [0..N-1]``: per
+2. a distill job with a sweep over ``kind: [distill, baseline] x train.seed: [0..N-1]``: per
    seed, the same ResNet-18 student with the same initialisation, data order and schedule,
    once alone and once with FGD.
 
@@ -70,7 +70,7 @@ def students_job(scale: Scale, data_seed: int, seeds: int, teacher: dict[str, An
             "train": scale.student_train,
             "evaluate_teacher": False,  # the teacher job has just been evaluated
             "sweep": {
-                "grid": {"kind": ["baseline", "distill"], "train.seed": list(range(seeds))},
+                "grid": {"kind": ["distill", "baseline"], "train.seed": list(range(seeds))},
                 "search": "grid",
                 "max_concurrent_trials": scale.max_concurrent,
                 "resources": scale.student_resources,

@@ -98,4 +98,4 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
 
     job = load_spec(out / "efficacy_job.yaml")
     assert job.teacher is not None and job.teacher.train
-    assert job.sweep is not None and job.sweep.grid["kind"] == ["baseline", "distill"]
+    assert job.sweep is not None and job.sweep.grid["kind"] == ["distill", "baseline"]
