@@ -78,20 +78,13 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
     Raises:
         QuotaExceeded: the owner already has ``quota`` unfinished jobs.
     """
+    # Everything the insert needs is computed before the owner's lock is taken: the lock is
+    # held only across round trips to the database, never while this thread waits for the GIL
+    # to run Python (which, under load, is what made submissions queue behind each other).
     request_hash = job_in.request_hash()
-    # Serialize this owner's submissions: quota counts and key lookups see each other.
-    locked = lock_row(session, Token, owner.id, returning="quota")
     key = job_in.idempotency_key
-    # The unfinished jobs and the job with this key, if any, in one round trip.
-    active, existing_id = session.execute(_ACTIVE_AND_KEY, {"owner_id": owner.id, "key": key}).one()
-    if existing_id is not None:
-        existing = session.get_one(Job, existing_id)
-        session.commit()  # release the lock; nothing was written
-        return _replay(existing, request_hash), False
-    if active >= locked:
-        session.rollback()
-        raise QuotaExceeded(owner, active)
     spec = job_in.spec.to_dict()
+    spec_hash = canonical_hash(spec)
     now = utcnow()
     values: dict[str, Any] = {
         "id": str(uuid.uuid4()),
@@ -101,7 +94,7 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
         "idempotency_key": key,
         "request_hash": request_hash,
         "spec": spec,
-        "spec_hash": canonical_hash(spec),
+        "spec_hash": spec_hash,
         "state": JobState.QUEUED.value,
         "attempt": 0,
         "max_attempts": job_in.max_attempts,
@@ -116,6 +109,17 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
         "mlflow_run_id": None,
         "failures": [],
     }
+    # Serialize this owner's submissions: quota counts and key lookups see each other.
+    locked = lock_row(session, Token, owner.id, returning="quota")
+    # The unfinished jobs and the job with this key, if any, in one round trip.
+    active, existing_id = session.execute(_ACTIVE_AND_KEY, {"owner_id": owner.id, "key": key}).one()
+    if existing_id is not None:
+        existing = session.get_one(Job, existing_id)
+        session.commit()  # release the lock; nothing was written
+        return _replay(existing, request_hash), False
+    if active >= locked:
+        session.rollback()
+        raise QuotaExceeded(owner, active)
     try:
         session.execute(_INSERT_JOB, values)
         session.commit()
