@@ -261,3 +261,17 @@ def test_tokens_store_only_the_hash(api: Api) -> None:
         assert row is not None
         assert row.token_hash == hash_token(api.tokens["alice"]) and len(row.token_hash) == 64
         assert api.tokens["alice"] not in str([row.name, row.token_hash])
+
+
+def test_startup_objects_are_kept_out_of_the_cyclic_collector(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What is alive after startup is frozen (full collections skip it), and thawed on stop."""
+    import gc
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    store = Store.from_url(url)
+    app = create_app(Settings(DATABASE_URL=url, DATA_ROOTS=[tmp_path]), store=store)
+    before = gc.get_freeze_count()
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_freeze_count() > max(before, 10_000)
+    assert gc.get_freeze_count() == 0
