@@ -31,16 +31,19 @@ class ContextBlock(nn.Module):
     def reset_parameters(self) -> None:
         """Kaiming (fan-in) init of the mask conv, zero bias; zero the last conv of `add`."""
         nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+        assert self.conv_mask.bias is not None
         nn.init.zeros_(self.conv_mask.bias)
         last = self.channel_add[-1]
-        assert isinstance(last, nn.Conv2d)
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     def attention_logits(self, x: Tensor) -> Tensor:
         """Per-cell context logits. x: (B, C, N) -> (B, N)."""
         w = self.conv_mask.weight.reshape(1, 1, -1).to(x.dtype)  # (1, 1, C)
-        return torch.matmul(w, x).squeeze(1) + self.conv_mask.bias.to(x.dtype)
+        bias = self.conv_mask.bias
+        assert bias is not None
+        return torch.matmul(w, x).squeeze(1) + bias.to(x.dtype)
 
     def transform(self, context: Tensor) -> Tensor:
         """`add(context)`: (B, C) -> (B, C).

@@ -100,7 +100,7 @@ def build_masks(
                 raise ValueError('box_frame="image" needs image_sizes, one (h, w) per image')
             frames = [image_sizes[i] for i in range(B)]
         elif box_frame == "padded":
-            frames = [tuple(batch_input_size)] * B
+            frames = [(int(batch_input_size[0]), int(batch_input_size[1]))] * B
         else:
             raise ValueError(f'box_frame must be "padded" or "image", got {box_frame!r}')
         all_boxes = torch.cat([b.detach().reshape(-1, 4) for b in boxes]).to(device)
