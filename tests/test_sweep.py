@@ -110,6 +110,39 @@ def test_asha_sweep_stops_trials_early_and_logs_nested_runs(env, local_ray, tmp_
     assert result.registered_model is not None
 
 
+def test_trial_stopped_by_asha_at_its_last_report_is_finished(env, local_ray, tmp_path):
+    """ASHA stops every trial that reaches a rung behind the others, the last report included:
+    a trial stopped there has trained to the end, so it is FINISHED with its files."""
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    # One trial at a time, one rung (grace 4 = the 4th and last report): the first trial has
+    # the rung to itself and goes on; the later ones, with a far larger FGD loss, are stopped.
+    sweep = {
+        "space": {"alpha": {"grid": [1e-6, 1.0, 2.0]}},
+        "scheduler": "asha",
+        "asha": {"grace_period": 4, "reduction_factor": 2},
+        "max_concurrent_trials": 1,
+        "metric": "train/loss",
+        "mode": "min",
+    }
+    job = tiny_job(env["data"], env["teacher"], sweep=sweep, iterations=4, eval_every=1)
+    result = run_sweep(
+        JobSpec.model_validate(job),
+        name="asha-last",
+        tracking_uri=env["uri"],
+        storage_path=str(tmp_path),
+    )
+    client = _client(env["uri"])
+    assert [r.metrics["step"] for r in result.rows] == [4, 4, 4]
+    for row in result.rows:
+        assert row.run_status == "FINISHED", row
+        files = {f.path for f in client.list_artifacts(row.mlflow_run_id, "model")}
+        assert "model/state_dict.pt" in files, (row, files)
+        assert row.metrics.get("bbox_AP") is not None
+
+
 def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path, monkeypatch):
     import ray
     from sweep_helpers import tiny_job

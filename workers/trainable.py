@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -183,6 +184,9 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
 
     final_step = job_cfg.train.schedule.iterations
     uploads = _Uploads()
+    # The last report waits until the run is complete in MLflow: a scheduler may stop the trial
+    # at that report (ASHA at its top rung), which ends this function there.
+    final_report: list[tuple[dict[str, Any], Path]] = []
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         if "fgd_hparams" in state:
@@ -193,21 +197,22 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
         meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
         (folder / META_FILE).write_text(json.dumps(meta))
         if step == final_step:
-            # The final checkpoint goes to MLflow while Tune persists its own copy; the folder
-            # is removed once both are done.
+            # The final checkpoint goes to MLflow while the trial finishes; Tune persists its own
+            # copy at the last report, and the folder is removed after that.
             uploads.submit(log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint")
-            uploads.cleanup(folder)
         report: dict[str, Any] = {
             k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)
         }
         report.update({k: v for k, v in evaluations.get(step, {}).items() if math.isfinite(v)})
         report.update({"step": step, **{f"hp/{k}": v for k, v in in_force.items()}})
         report["node_id"] = node_id
+        if step == final_step:
+            final_report.append((report, folder))
+            return
         try:
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         finally:
-            if step != final_step:
-                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
     callbacks = Callbacks(
         on_metrics=on_metrics,
@@ -229,6 +234,10 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     except BaseException:
         finish_run(client, run_id, "FAILED")
         raise
+    finally:
+        if sys.exc_info()[0] is not None:
+            for _, folder in final_report:
+                shutil.rmtree(folder, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix="fgd-model-"))
     torch.save(result.model_state, folder / "state_dict.pt")
     uploads.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
@@ -237,6 +246,11 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     log_json_artifact(client, run_id, result.metrics, "coco/metrics_val.json")
     uploads.wait()
     finish_run(client, run_id, "FINISHED")
+    for report, folder in final_report:
+        try:
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Uploads:
