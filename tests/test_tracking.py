@@ -374,6 +374,10 @@ def test_write_leaderboard_and_plots(tmp_path):
     assert paths["md"].read_text().splitlines()[2].startswith("| 1 | t1 | 0.0001 |")
     assert json.loads(paths["json"].read_text())[-1]["map"] is None  # NaN → null
 
+    assert report.stopped_early(ROWS) == [False] * len(ROWS)  # no steps: nothing to tell
+    staged = [{**r, "step": 600 if i else 150} for i, r in enumerate(ROWS)]
+    assert report.stopped_early(staged) == [True] + [False] * (len(ROWS) - 1)
+    report.plot_metric_vs_params(staged, FGD_PARAMS, "map", tmp_path / "p" / "staged.png")
     a = report.plot_metric_vs_params(ROWS, FGD_PARAMS, "map", tmp_path / "p" / "mvp.png")
     b = report.plot_parallel_coordinates(ROWS, FGD_PARAMS, "map", tmp_path / "p" / "pc.png")
     for png in (a, b):

@@ -144,6 +144,14 @@ def _best_index(values: Sequence[float], mode: Mode) -> int:
     return max(range(len(values)), key=lambda i: values[i] if mode == "max" else -values[i])
 
 
+def stopped_early(rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per row: did it stop (a scheduler's decision, ASHA) before the furthest ``step`` any row
+    reached? False for all when the rows carry no step."""
+    steps = [_number(r.get("step")) for r in rows]
+    last = max((s for s in steps if s is not None), default=None)
+    return [last is not None and s is not None and s < last for s in steps]
+
+
 def plot_metric_vs_params(
     rows: Sequence[Mapping[str, Any]],
     params: Sequence[str],
@@ -162,20 +170,45 @@ def plot_metric_vs_params(
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    from matplotlib.ticker import NullFormatter
+
     y = [float(r[metric]) for r in data]
     best = _best_index(y, mode) if y else None
-    for ax, p in zip(axes, params, strict=False):
+    early = stopped_early(data)  # their metric is from an earlier step: drawn hollow
+    for i, (ax, p) in enumerate(zip(axes, params, strict=False)):
         x, cats = _axis_values(data, p)
-        ax.scatter(x, y, s=28, alpha=0.8, color="tab:blue")
+        full = [k for k in range(len(x)) if not early[k]]
+        cut = [k for k in range(len(x)) if early[k]]
+        ax.scatter(
+            [x[k] for k in full],
+            [y[k] for k in full],
+            s=28,
+            alpha=0.8,
+            color="tab:blue",
+            label="trained to the end",
+        )
+        if cut:
+            ax.scatter(
+                [x[k] for k in cut],
+                [y[k] for k in cut],
+                s=28,
+                alpha=0.8,
+                facecolors="none",
+                edgecolors="tab:blue",
+                label="stopped early",
+            )
         if best is not None:
             ax.scatter([x[best]], [y[best]], s=160, marker="*", color="tab:red", label="best")
         if cats:
             ax.set_xticks(range(len(cats)), cats, rotation=30)
         elif _spans_decades(x):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labels on the decades only
         ax.set_xlabel(p)
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
+        if i == 0 and cut:
+            ax.legend(fontsize="small")
     for ax in axes[len(params) :]:
         ax.set_visible(False)
     fig.suptitle(f"{metric} vs hyperparameters ({len(data)} trials, {mode})")
