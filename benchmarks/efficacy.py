@@ -8,7 +8,9 @@ The benchmark is two jobs of the project, run through Ray Tune and MLflow like a
    ``$FGD_HOME/cache/efficacy/`` so that reruns reuse it;
 2. a distill job with a sweep over ``kind: [distill, baseline] x train.seed: [0..N-1]``: per
    seed, the same ResNet-18 student with the same initialisation, data order and schedule,
-   once alone and once with FGD.
+   once alone and once with FGD. The FGD students share the teacher's features of each
+   (image, flip) through ``fgd.teacher_cache`` (``fgd_core.teacher_cache``): the first student
+   to meet an image runs the teacher on it, the others read its features from disk.
 
 ``DIR/efficacy_job.yaml`` is the same experiment as one self-contained job (the teacher trained
 first), for ``fgd sweep`` or ``fgd submit``. Results: ``DIR/efficacy.json`` (AP on COCOeval's
@@ -66,7 +68,7 @@ def students_job(scale: Scale, data_seed: int, seeds: int, teacher: dict[str, An
             "data": data_spec(scale, data_seed),
             "model": scale.student_model,
             "teacher": {"model": scale.teacher_model, **teacher},
-            "fgd": scale.fgd,
+            "fgd": {**scale.fgd, "teacher_cache": scale.teacher_features_cached},
             "train": scale.student_train,
             "evaluate_teacher": False,  # the teacher job has just been evaluated
             "sweep": {

@@ -58,6 +58,7 @@ class Scale:
     teacher_resources: dict[str, float] = field(default_factory=lambda: {"cpu": 2})
     student_resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
     max_concurrent: int = 2
+    teacher_features_cached: bool = True  # fgd.teacher_cache of the students' job
 
 
 SCALES: dict[str, Scale] = {

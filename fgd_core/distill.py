@@ -15,13 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from fgd_core.detectors import (
+    Prepared,
     backbone_features,
     head_losses,
     inherit_weights,
     level_info,
     prepare,
+    pyramid,
 )
 from fgd_core.losses import MultiLevelFGD
+from fgd_core.teacher_cache import TeacherFeatureCache, entry_ids, own_frame
 from fgd_core.training.config import FGDConfig
 
 Targets = list[dict[str, Tensor]]
@@ -99,7 +102,7 @@ def matched_levels(student: nn.Module, teacher: nn.Module, names: Sequence[str] 
     return out
 
 
-def _fpn_channels(model: nn.Module) -> int:
+def fpn_channels(model: nn.Module) -> int:
     backbone = model.backbone
     channels = getattr(backbone, "out_channels", None)
     if not isinstance(channels, int):
@@ -137,11 +140,13 @@ class Distiller(nn.Module):
                 "teacher and student must see the same batched input: their min_size, max_size "
                 "and normalisation differ"
             )
+        # Set by the job when `fgd.teacher_cache` is on (see fgd_core.teacher_cache).
+        self.teacher_cache: TeacherFeatureCache | None = None
         self.inherited: list[str] = inherit_weights(student, teacher) if config.inherit else []
         self.fgd = MultiLevelFGD(
             list(self.levels),
-            _fpn_channels(student),
-            _fpn_channels(teacher),
+            fpn_channels(student),
+            fpn_channels(teacher),
             temp=config.temp,
             alpha=config.alpha,
             beta=config.beta,
@@ -161,10 +166,9 @@ class Distiller(nn.Module):
         prepared = prepare(self.student, list(images), targets)
         s_feats = backbone_features(self.student, prepared)
         detection = head_losses(self.student, prepared, s_feats)
-        with torch.no_grad():
-            t_feats = backbone_features(self.teacher, prepared)
         s_levels = {name: s_feats[s_key] for name, (s_key, _) in self.levels.items()}
-        t_levels = {name: t_feats[t_key] for name, (_, t_key) in self.levels.items()}
+        with torch.no_grad():
+            t_levels = self._teacher_levels(prepared, targets, s_levels)
         for name in self.levels:
             if s_levels[name].shape[-2:] != t_levels[name].shape[-2:]:
                 raise ValueError(
@@ -181,6 +185,47 @@ class Distiller(nn.Module):
             input_hw=(int(h_in), int(w_in)),
             image_sizes=[(int(h), int(w)) for h, w in prepared.image_list.image_sizes],
         )
+
+    def _live_teacher(self, tensors: Tensor) -> dict[str, Tensor]:
+        feats = pyramid(self.teacher, tensors)
+        return {name: feats[t_key] for name, (_, t_key) in self.levels.items()}
+
+    def _in_own_frames(self, prepared: Prepared) -> bool:
+        """Whether the padded batch is each image's own padded frame (cache entries apply)."""
+        divisible = int(getattr(self.student.transform, "size_divisible", 1))
+        frame = tuple(prepared.image_list.tensors.shape[-2:])
+        return all(
+            own_frame((int(h), int(w)), divisible) == frame
+            for h, w in prepared.image_list.image_sizes
+        )
+
+    def _teacher_levels(
+        self, prepared: Prepared, targets: Targets, s_levels: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The teacher's distilled levels of the batch: from the cache where it holds them."""
+        tensors = prepared.image_list.tensors
+        cache = self.teacher_cache
+        if cache is None:
+            return self._live_teacher(tensors)
+        ids = entry_ids(targets)
+        if ids is None or not self._in_own_frames(prepared):
+            cache.stats.live_batches += 1
+            return self._live_teacher(tensors)
+        sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in s_levels.values()]
+        entries = [cache.load(image_id, flipped, sizes) for image_id, flipped in ids]
+        missing = [k for k, entry in enumerate(entries) if not entry]
+        if missing:
+            live = self._live_teacher(tensors[missing])
+            for j, k in enumerate(missing):
+                entries[k] = [level[j] for level in live.values()]
+                cache.store(*ids[k], entries[k])
+        cache.stats.hits += len(ids) - len(missing)
+        cache.stats.misses += len(missing)
+        device = tensors.device
+        return {
+            name: torch.stack([entry[i].to(device) for entry in entries])
+            for i, name in enumerate(self.levels)
+        }
 
     def forward(self, images: Sequence[Tensor], targets: Targets) -> dict[str, Tensor]:
         batch = self.features(images, targets)

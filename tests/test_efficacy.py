@@ -78,6 +78,12 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
         "distill",
     ]
     assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/distillation.json"}
+    # The FGD students share the teacher's features through the feature cache: one folder,
+    # at most one entry per (training image, flip), and the hit rate logged with the losses.
+    (features,) = (tmp_path / "home" / "cache" / "teacher-features").iterdir()
+    assert 0 < len(list(features.glob("*.npy"))) <= 2 * 24
+    distilled = [r for r in children if r.data.params["kind"] == "distill"]
+    assert all("train/teacher_cache_hit_rate" in r.data.metrics for r in distilled)
 
     # The same data seed and configuration again: the teacher comes from the cache.
     again = _run([*args[:-1], str(tmp_path / "again")], env)

@@ -128,6 +128,7 @@ def fgd_config(spec: FGDSpec) -> FGDConfig:
         calibrate_ratio=spec.calibrate_ratio,
         calibrate_temp=spec.calibrate_temp,
         compile=spec.compile,
+        teacher_cache=spec.teacher_cache,
     )
 
 

@@ -11,6 +11,7 @@ Everything lives under one home directory, ``fgd_home()`` (``FGD_HOME``, default
         server.lock    file lock taken while a server is checked or started
       tune/          Ray Tune storage (experiment state, trial checkpoints)
       data/          generated / downloaded datasets
+      cache/         rebuildable: inductor kernels, teacher features (fgd_core.teacher_cache)
       service/       the service's job store
 
 Settings are read from the environment through pydantic-settings each time they are asked for

@@ -347,6 +347,14 @@ class FGDSpec(_Spec):
         "compile of seconds with a warm cache, about a minute cold; falls back to eager if "
         "compiling fails); None = the env var FGD_COMPILE on the worker.",
     )
+    teacher_cache: bool = Field(
+        False,
+        description="Keep the teacher's features of every (training image, flip) on the "
+        "worker's disk ($FGD_TEACHER_CACHE_DIR, else $FGD_HOME/cache/teacher-features), shared "
+        "by every run of the same teacher and data: the teacher's forward is paid once per "
+        "image instead of at every step. Batches that pad images of mixed sizes are computed "
+        "live. Costs 8 bytes per teacher feature cell per image.",
+    )
 
     @field_validator("levels")
     @classmethod

@@ -37,7 +37,8 @@ class CocoDetection(Dataset[tuple[torch.Tensor, Target]]):
 
     Item ``i`` is ``(image, target)``: image float32 (3, H, W) in [0, 1], RGB; target has
     ``boxes`` float32 (N, 4) ``[x1, y1, x2, y2]`` in image pixels, ``labels`` int64 (N,) in
-    1..K (sorted COCO category ids mapped to 1..K), ``image_id`` (int, the COCO id) and, with
+    1..K (sorted COCO category ids mapped to 1..K), ``image_id`` (int, the COCO id), ``hflip``
+    (bool, whether the item was flipped; it keys the teacher feature cache) and, with
     ``with_masks``, ``masks`` uint8 (N, H, W). Crowd annotations are skipped; boxes under 1 px
     wide or high (after clipping to the image) are dropped.
 
@@ -268,7 +269,8 @@ class CocoDetection(Dataset[tuple[torch.Tensor, Target]]):
         lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
         boxes = self._box_data[lo:hi].copy()  # (N, 4) [x1, y1, x2, y2]
         masks = self._masks(index, lo, hi) if self._segs is not None else None  # (N, H, W)
-        if self.is_flipped(index):
+        flipped = self.is_flipped(index)
+        if flipped:
             pixels = pixels[:, ::-1]
             boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
             if masks is not None:
@@ -278,6 +280,7 @@ class CocoDetection(Dataset[tuple[torch.Tensor, Target]]):
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(self._label_data[lo:hi].copy()),
             "image_id": self.image_ids[index],
+            "hflip": flipped,
         }
         if masks is not None:
             target["masks"] = torch.from_numpy(np.ascontiguousarray(masks))

@@ -20,6 +20,7 @@ from fgd_core.detectors.forward import (
     head_detections,
     head_losses,
     prepare,
+    pyramid,
 )
 from fgd_core.detectors.weights import (
     WeightsError,
@@ -48,5 +49,6 @@ __all__ = [
     "level_info",
     "load_weights",
     "prepare",
+    "pyramid",
     "save_weights",
 ]

@@ -107,9 +107,14 @@ def backbone_features(model: nn.Module, prepared: Prepared) -> OrderedDict[str, 
     Returns:
         key ("0", "1", ..., "p6", "p7" or "pool") -> (B, C, H_l, W_l) with H_l = ceil(H_pad / stride).
     """
+    return pyramid(model, prepared.image_list.tensors)
+
+
+def pyramid(model: nn.Module, tensors: Tensor) -> OrderedDict[str, Tensor]:
+    """FPN outputs of `model.backbone` on a batched input tensor (B, 3, H_pad, W_pad)."""
     backbone = model.backbone
     assert isinstance(backbone, nn.Module)
-    features = backbone(prepared.image_list.tensors)
+    features = backbone(tensors)
     if isinstance(features, torch.Tensor):
         features = OrderedDict([("0", features)])  # (B, C, H, W)
     return OrderedDict(features)

@@ -79,6 +79,7 @@ class FGDConfig:
     calibrate_ratio: float | None = None  # rescale the weights on the first batch to this ratio
     calibrate_temp: bool = True  # when calibrating, also propose a spread temperature
     compile: bool | None = None  # torch.compile the loss (None: the env var FGD_COMPILE)
+    teacher_cache: bool = False  # keep the teacher's features on disk (fgd_core.teacher_cache)
 
     @property
     def hparams(self) -> dict[str, float]:

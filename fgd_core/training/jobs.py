@@ -6,9 +6,11 @@ through callbacks, and never writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +18,10 @@ from torch import Tensor, nn
 
 from fgd_core.data import CocoDetection, build_eval_loader, build_train_loader
 from fgd_core.detectors import build_detector_from_config, load_weights
-from fgd_core.distill import DetectorModule, Distiller
+from fgd_core.distill import DetectorModule, Distiller, fpn_channels
 from fgd_core.evaluation import evaluate
 from fgd_core.losses import calibrate
+from fgd_core.teacher_cache import TeacherFeatureCache, cache_key, cache_root, file_digest
 from fgd_core.training.checkpoint import rng_state, set_rng_state
 from fgd_core.training.config import JobConfig
 from fgd_core.training.loop import Callbacks, train_loop
@@ -92,6 +95,30 @@ def _calibrate_on_first_batch(distiller: Distiller, loader: Any, device: torch.d
     distiller.fgd.set_hparams(**result.hparams)
 
 
+def open_teacher_cache(job: JobConfig, distiller: Distiller) -> TeacherFeatureCache:
+    """The teacher feature cache of this job's teacher, input transform, levels and data."""
+    assert job.teacher is not None and job.teacher_weights is not None
+    transform: Any = distiller.student.transform
+    key = cache_key(
+        {
+            "teacher_weights": file_digest(job.teacher_weights),
+            "teacher": dataclasses.asdict(job.teacher),
+            "transform": {
+                "min_size": list(transform.min_size),
+                "max_size": transform.max_size,
+                "image_mean": list(transform.image_mean),
+                "image_std": list(transform.image_std),
+                "size_divisible": transform.size_divisible,
+            },
+            "levels": list(distiller.levels.items()),
+            "train_images": str(Path(job.data.train_images).resolve()),
+            "train_ann": file_digest(job.data.train_ann),
+        }
+    )
+    channels = [fpn_channels(distiller.teacher)] * len(distiller.levels)
+    return TeacherFeatureCache(cache_root() / key, channels)
+
+
 def run_job(
     job: JobConfig,
     *,
@@ -147,6 +174,8 @@ def run_job(
         teacher = build_detector_from_config(job.teacher)
         load_weights(teacher, job.teacher_weights, strict=True)
         module = Distiller(model, teacher, job.fgd)
+        if job.fgd.teacher_cache:
+            module.teacher_cache = open_teacher_cache(job, module)
     else:
         module = DetectorModule(model)
     module.to(device)
@@ -191,6 +220,18 @@ def run_job(
 
     if resume is not None and isinstance(module, Distiller) and "fgd_hparams" in resume:
         module.fgd.set_hparams(**resume["fgd_hparams"])
+    if isinstance(module, Distiller) and module.teacher_cache is not None:
+        cache = module.teacher_cache
+        cb_metrics = cb.on_metrics
+
+        def on_metrics(step: int, metrics: dict[str, float]) -> None:
+            stats = cache.stats
+            seen = stats.hits + stats.misses
+            metrics = {**metrics, "teacher_cache_hit_rate": stats.hits / seen if seen else 0.0}
+            if cb_metrics:
+                cb_metrics(step, metrics)
+
+        cb = dataclasses.replace(cb, on_metrics=on_metrics)
     loop = train_loop(
         module,
         loader,
