@@ -207,23 +207,25 @@ class Distiller(nn.Module):
         cache = self.teacher_cache
         if cache is None:
             return self._live_teacher(tensors)
-        ids = entry_ids(targets)
+        ids = entry_ids(targets, prepared.image_list.image_sizes)
         if ids is None or not self._in_own_frames(prepared):
             cache.stats.live_batches += 1
             return self._live_teacher(tensors)
         sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in s_levels.values()]
-        entries = [cache.load(image_id, flipped, sizes) for image_id, flipped in ids]
+        entries = [cache.load(entry, sizes) for entry in ids]
         missing = [k for k, entry in enumerate(entries) if not entry]
         if missing:
             live = self._live_teacher(tensors[missing])
             for j, k in enumerate(missing):
                 entries[k] = [level[j] for level in live.values()]
-                cache.store(*ids[k], entries[k])
+                cache.store(ids[k], entries[k])
         cache.stats.hits += len(ids) - len(missing)
         cache.stats.misses += len(missing)
+        # float32 throughout: entries are stored so, and a feature computed under autocast
+        # (bfloat16, float16) converts exactly; FGD computes in float32 either way.
         device = tensors.device
         return {
-            name: torch.stack([entry[i].to(device) for entry in entries])
+            name: torch.stack([entry[i].to(device, torch.float32) for entry in entries])
             for i, name in enumerate(self.levels)
         }
 

@@ -6,7 +6,8 @@ frozen teacher over the same images again and again; on the CPU that forward is 
 extra cost per step. With `fgd.teacher_cache` on, each (image, horizontal flip) is computed once
 and later batches, in this run or in any other run of the same teacher on this machine, read it.
 
-An entry is one image's features in its own padded frame: its resized size rounded up to the
+An entry is one image, flipped or not, at one resized size (multi-scale training gives an image
+an entry per size), and holds its features in its own padded frame: its resized size rounded up to the
 transform's `size_divisible`. A batch takes entries only when its padded tensor is exactly that
 frame for every image in it: always for a dataset of one image size (the shapes data); a batch
 that pads an image further (mixed sizes, as in COCO) is computed live, because padding changes
@@ -47,6 +48,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 ENV_DIR = "FGD_TEACHER_CACHE_DIR"
+
+# (image_id, horizontally flipped, resized unpadded (h, w)): what an entry's features depend on
+# besides the cache's key.
+Entry = tuple[Any, bool, tuple[int, int]]
 FORMAT = 1  # bumped when what an entry holds changes
 
 
@@ -95,16 +100,17 @@ class TeacherFeatureCache:
         self.stats = CacheStats()
         self.writable = True
 
-    def path(self, image_id: Any, flipped: bool) -> Path:
-        return self.directory / f"{image_id}-{int(flipped)}.npy"
+    def path(self, entry: Entry) -> Path:
+        image_id, flipped, (h, w) = entry
+        return self.directory / f"{image_id}-{int(flipped)}-{h}x{w}.npy"
 
-    def load(self, image_id: Any, flipped: bool, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    def load(self, entry: Entry, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """The entry's levels as (C_l, H_l, W_l) tensors; [] when absent or unreadable.
 
         Args:
             sizes: (H_l, W_l) of each level, in the cache's level order.
         """
-        path = self.path(image_id, flipped)
+        path = self.path(entry)
         try:
             flat = np.load(path, allow_pickle=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -119,12 +125,12 @@ class TeacherFeatureCache:
         pieces = torch.from_numpy(flat).split(counts)
         return [p.view(c, h, w) for p, c, (h, w) in zip(pieces, self.channels, sizes, strict=True)]
 
-    def store(self, image_id: Any, flipped: bool, levels: Sequence[Tensor]) -> None:
+    def store(self, entry: Entry, levels: Sequence[Tensor]) -> None:
         """Write one image's levels ((C_l, H_l, W_l) each) atomically; warn once on failure."""
         if not self.writable:
             return
         flat = torch.cat([t.detach().float().reshape(-1).cpu() for t in levels]).numpy()
-        path = self.path(image_id, flipped)
+        path = self.path(entry)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -149,14 +155,21 @@ def own_frame(size: tuple[int, int], size_divisible: int) -> tuple[int, int]:
     return (-(-size[0] // d) * d, -(-size[1] // d) * d)
 
 
-def entry_ids(targets: Sequence[dict[str, Any]]) -> list[tuple[Any, bool]] | None:
-    """(image_id, flipped) of each target, or None when a target does not carry both."""
-    ids = []
-    for t in targets:
+def entry_ids(
+    targets: Sequence[dict[str, Any]], sizes: Sequence[tuple[int, int]]
+) -> list[Entry] | None:
+    """The entry of each image, or None when a target lacks its image_id or hflip flag.
+
+    Args:
+        sizes: the resized, unpadded (h, w) of each image (multi-scale training resizes an
+            image differently from batch to batch: each size is an entry of its own).
+    """
+    ids: list[Entry] = []
+    for t, (h, w) in zip(targets, sizes, strict=True):
         if "image_id" not in t or "hflip" not in t:
             return None
         image_id = t["image_id"]
         if isinstance(image_id, Tensor):
             image_id = image_id.item()
-        ids.append((image_id, bool(t["hflip"])))
+        ids.append((image_id, bool(t["hflip"]), (int(h), int(w))))
     return ids

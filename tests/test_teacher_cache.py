@@ -49,8 +49,8 @@ def test_the_dataset_says_which_items_are_flipped(tiny_shapes):
     flags = [data[i][1]["hflip"] for i in range(len(data))]
     assert flags == [data.is_flipped(i) for i in range(len(data))]
     assert True in flags and False in flags  # 16 fair coins
-    assert entry_ids([data[0][1]]) == [(data.image_ids[0], flags[0])]
-    assert entry_ids([{"image_id": 1}]) is None  # a target without the flag: no cache
+    assert entry_ids([data[0][1]], [(64, 64)]) == [(data.image_ids[0], flags[0], (64, 64))]
+    assert entry_ids([{"image_id": 1}], [(64, 64)]) is None  # no flag: no cache
 
 
 def test_cached_features_are_the_live_ones_and_are_read_back(tiny_shapes, tmp_path):
@@ -63,7 +63,7 @@ def test_cached_features_are_the_live_ones_and_are_read_back(tiny_shapes, tmp_pa
     _assert_same(cold, live)
     assert dataclasses.astuple(distiller.teacher_cache.stats) == (0, 4, 0)
     written = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert written == sorted(f"{t['image_id']}-{int(t['hflip'])}.npy" for t in targets)
+    assert written == sorted(f"{t['image_id']}-{int(t['hflip'])}-64x64.npy" for t in targets)
 
     # Another process's distiller (same teacher weights) reads them: no teacher forward at all.
     other = _distiller()
@@ -90,9 +90,9 @@ def test_an_unreadable_entry_is_recomputed(tiny_shapes, tmp_path):
     live = _live(distiller, images, targets)
     cache = distiller.teacher_cache = TeacherFeatureCache(tmp_path, [32] * 5)
     distiller.features(images, targets)
-    broken = cache.path(targets[0]["image_id"], targets[0]["hflip"])
+    broken = cache.path((targets[0]["image_id"], targets[0]["hflip"], (64, 64)))
     broken.write_bytes(b"not an array")
-    short = cache.path(targets[1]["image_id"], targets[1]["hflip"])
+    short = cache.path((targets[1]["image_id"], targets[1]["hflip"], (64, 64)))
     import numpy as np
 
     np.save(short, np.zeros(7, np.float32))
@@ -100,6 +100,21 @@ def test_an_unreadable_entry_is_recomputed(tiny_shapes, tmp_path):
     _assert_same(again, live)
     assert cache.stats.misses == 4 + 2
     assert np.load(broken).size == np.load(short).size > 7  # rewritten whole
+
+
+def test_each_resized_size_of_an_image_is_an_entry_of_its_own(tiny_shapes, tmp_path):
+    # Multi-scale training resizes an image differently from batch to batch.
+    distiller = _distiller()
+    images, targets = _first_batch(tiny_shapes)
+    cache = distiller.teacher_cache = TeacherFeatureCache(tmp_path, [32] * 5)
+    for size in (64, 32, 64, 32):
+        for model in (distiller.student, distiller.teacher):
+            model.transform.min_size, model.transform.max_size = (size,), size
+        features = distiller.features(images, targets).teacher
+        assert features["P3"].shape[-2:] == (size // 8, size // 8)
+        _assert_same(features, _live(distiller, images, targets))
+    assert dataclasses.astuple(cache.stats) == (8, 8, 0)
+    assert len(list(tmp_path.glob("*-32x32.npy"))) == len(list(tmp_path.glob("*-64x64.npy"))) == 4
 
 
 def test_a_batch_padded_beyond_an_image_is_computed_live(tmp_path):

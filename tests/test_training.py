@@ -11,7 +11,12 @@ from fgd_core.detectors import DetectorConfig, WeightsError, build_detector_from
 from fgd_core.distill import DetectorModule, Distiller
 from fgd_core.training import FGDConfig, JobConfig, OptimConfig, ScheduleConfig, TrainConfig
 from fgd_core.training.jobs import Callbacks, run_job
-from fgd_core.training.loop import NonFiniteLossError, lr_factor
+from fgd_core.training.loop import (
+    NonFiniteLossError,
+    autocast_dtype,
+    cpu_has_native_bf16,
+    lr_factor,
+)
 
 
 def det(arch="retinanet", backbone="resnet18", fpn=16, num_classes=4, size=64):
@@ -166,12 +171,15 @@ def _teacher_file(tiny_data, tmp_path):
     return path
 
 
-def test_resume_is_bitwise_identical(tiny_data, tmp_path):
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_resume_is_bitwise_identical(tiny_data, tmp_path, cpu_bf16):
+    if cpu_bf16 and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bfloat16")
     job = JobConfig(
         kind="distill",
         data=tiny_data,
         model=det(),
-        train=dataclasses.replace(TRAIN, checkpoint_every=2),
+        train=dataclasses.replace(TRAIN, checkpoint_every=2, cpu_bf16=cpu_bf16),
         teacher=det(fpn=32),
         teacher_weights=str(_teacher_file(tiny_data, tmp_path)),
         fgd=FGDConfig(calibrate_ratio=1.0),
@@ -244,3 +252,74 @@ def test_detector_module_checkpoint_round_trip():
     other.load_checkpoint_state(state)
     for k, v in other.student.state_dict().items():
         assert torch.equal(v, state["model"][k])
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_cpu_bf16_trains_under_bfloat16_autocast_and_evaluates_in_float32(tiny_data):
+    seen: dict[str, list[torch.dtype]] = {}
+    real_build = build_detector_from_config
+
+    def spy(cfg):
+        model = real_build(cfg)
+        model.backbone.body.conv1.register_forward_hook(
+            lambda m, i, out: seen.setdefault("train" if m.training else "eval", []).append(
+                out.dtype
+            )
+        )
+        return model
+
+    import fgd_core.training.jobs as jobs
+
+    for cpu_bf16 in (True, False):
+        seen.clear()
+        job = JobConfig(
+            kind="baseline",
+            data=tiny_data,
+            model=det(),
+            train=dataclasses.replace(TRAIN, cpu_bf16=cpu_bf16, device="cpu"),
+        )
+        jobs.build_detector_from_config = spy
+        try:
+            result = run_job(job)
+        finally:
+            jobs.build_detector_from_config = real_build
+        assert set(seen["train"]) == {torch.bfloat16 if cpu_bf16 else torch.float32}
+        assert set(seen["eval"]) == {torch.float32}
+        assert all(
+            v.dtype == torch.float32 for v in result.model_state.values() if v.is_floating_point()
+        )
+
+
+def test_cpu_bf16_on_a_cpu_without_it_trains_in_float32_with_a_warning(monkeypatch):
+    import fgd_core.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    config = dataclasses.replace(TRAIN, cpu_bf16=True)
+    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
+        assert autocast_dtype(torch.device("cpu"), config) is None
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(torch.device("cpu"), config) is torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), TRAIN) is None  # off by default
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_strided_convs_over_maps_narrower_than_their_kernel_get_true_gradients_under_bf16():
+    from fgd_core.training.loop import keep_tiny_strided_convs_in_float32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, 2, 1), torch.nn.Conv2d(16, 16, 3, 2, 1))
+    assert keep_tiny_strided_convs_in_float32(model) == 2
+    assert keep_tiny_strided_convs_in_float32(model) == 0  # idempotent
+    for hw in [(1, 1), (2, 1), (4, 4)]:
+        x = torch.randn(4, 16, *hw)
+        model.zero_grad()
+        model(x).sum().backward()
+        reference = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        assert torch.is_autocast_enabled("cpu") is False
+        for got, want in zip((p.grad for p in model.parameters()), reference, strict=True):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))

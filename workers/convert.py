@@ -157,6 +157,7 @@ def train_config(spec: TrainSpec) -> TrainConfig:
         ),
         clip_grad_norm=spec.clip_grad_norm,
         amp=spec.amp,
+        cpu_bf16=spec.cpu_bf16,
         seed=spec.seed,
         eval_every=spec.eval_every,
         checkpoint_every=spec.checkpoint_every,

@@ -48,6 +48,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # lr schedule and length
     clip_grad_norm: float | None = 10.0  # max gradient norm; None disables clipping
     amp: bool = True  # mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU
+    # bfloat16 autocast on a CPU that computes bfloat16 natively (AMX or AVX-512 BF16); float32
+    # with a warning on other CPUs; ignored on CUDA (see amp)
+    cpu_bf16: bool = False
     seed: int = 0  # seeds weights, batch order, flips and every random draw of the loop
     eval_every: int = 0  # evaluate every N steps (0 = only at the end)
     checkpoint_every: int = 0  # hand a checkpoint to the callbacks every N steps (0 = end only)

@@ -24,7 +24,7 @@ from fgd_core.losses import calibrate
 from fgd_core.teacher_cache import TeacherFeatureCache, cache_key, cache_root, file_digest
 from fgd_core.training.checkpoint import rng_state, set_rng_state
 from fgd_core.training.config import JobConfig
-from fgd_core.training.loop import Callbacks, train_loop
+from fgd_core.training.loop import Callbacks, autocast, autocast_dtype, train_loop
 
 __all__ = ["Callbacks", "JobResult", "resolve_device", "run_job"]
 
@@ -58,13 +58,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _calibrate_on_first_batch(distiller: Distiller, loader: Any, device: torch.device) -> None:
+def _calibrate_on_first_batch(distiller: Distiller, loader: Any, job: JobConfig) -> None:
     """Scale the FGD weights (and propose a temperature) on the first training batch.
 
-    Runs the student once without gradients; its BatchNorm buffers and the random state are
-    restored afterwards, so the run itself is identical to one without calibration.
+    Runs the student once without gradients, under training's autocast; its BatchNorm buffers
+    and the random state are restored afterwards, so the run itself is identical to one without
+    calibration.
     """
     cfg = distiller.config
+    device = resolve_device(job.train.device)
+    amp_context, _ = autocast(device, job.train)
     images, targets = next(iter(loader))
     images = [img.to(device) for img in images]
     targets = [
@@ -74,7 +77,7 @@ def _calibrate_on_first_batch(distiller: Distiller, loader: Any, device: torch.d
     rng = rng_state()
     distiller.train(True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), amp_context:
             batch = distiller.features(images, targets)
             detection = float(sum(float(v) for v in batch.detection.values()))
             result = calibrate(
@@ -111,6 +114,8 @@ def open_teacher_cache(job: JobConfig, distiller: Distiller) -> TeacherFeatureCa
                 "size_divisible": transform.size_divisible,
             },
             "levels": list(distiller.levels.items()),
+            # Features computed under autocast are rounded to its dtype.
+            "autocast": str(autocast_dtype(resolve_device(job.train.device), job.train)),
             "train_images": str(Path(job.data.train_images).resolve()),
             "train_ann": file_digest(job.data.train_ann),
         }
@@ -195,7 +200,7 @@ def run_job(
             cb.on_teacher_evaluation(teacher_metrics)
         _seed_everything(job.train.seed + 1)
     if isinstance(module, Distiller) and job.fgd.calibrate_ratio is not None and resume is None:
-        _calibrate_on_first_batch(module, loader, device)
+        _calibrate_on_first_batch(module, loader, job)
 
     last_detections: list[dict[str, Any]] = []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -112,11 +113,83 @@ def _check_finite(losses: dict[str, Tensor], total: Tensor, step: int) -> None:
     )
 
 
-def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
-    if not enabled or device.type != "cuda":
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX or AVX-512 BF16)."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def autocast_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
+    """The dtype training autocasts to on `device` (None: float32 throughout)."""
+    if device.type == "cuda":
+        if not config.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and config.cpu_bf16:
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        warnings.warn(
+            "train.cpu_bf16: this CPU has no native bfloat16 (AMX or AVX-512 BF16), where "
+            "autocast would be slower than float32; training in float32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return None
+
+
+def _tiny_map(conv: nn.Conv2d, x: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and max(conv.stride) > 1
+        and min(x.shape[-2:]) < max(conv.kernel_size)
+    )
+
+
+def _enter_float32(conv: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if not isinstance(conv, nn.Conv2d) or not _tiny_map(conv, args[0]):
+        return None
+    context = torch.autocast("cpu", enabled=False)
+    context.__enter__()
+    conv.__dict__["_fgd_float32"] = context
+    return (args[0].float(), *args[1:])
+
+
+def _leave_float32(conv: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    context = conv.__dict__.pop("_fgd_float32", None)
+    if context is not None:
+        context.__exit__(None, None, None)
+
+
+def keep_tiny_strided_convs_in_float32(module: nn.Module) -> int:
+    """Run strided convolutions over maps smaller than their kernel in float32 under CPU autocast.
+
+    oneDNN's bfloat16 weight gradient of a strided 3x3 convolution over a map one cell wide
+    (RetinaNet's P7 conv on a 1x1 P6, at 64 px inputs) comes out as garbage, inf included, on
+    CPUs with AMX. Such maps are a few cells: float32 costs nothing there. Idempotent; returns
+    the number of convolutions guarded now.
+    """
+    guarded = 0
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and max(conv.stride) > 1:
+            if conv.__dict__.get("_fgd_guarded"):
+                continue
+            conv.register_forward_pre_hook(_enter_float32)
+            conv.register_forward_hook(_leave_float32, always_call=True)
+            conv.__dict__["_fgd_guarded"] = True
+            guarded += 1
+    return guarded
+
+
+def autocast(device: torch.device, config: TrainConfig) -> tuple[Any, torch.dtype | None]:
+    """The autocast context of training on `device`, and its dtype."""
+    dtype = autocast_dtype(device, config)
+    if dtype is None:
         return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype
+    return torch.autocast(device.type, dtype=dtype), dtype
 
 
 def train_loop(
@@ -145,7 +218,9 @@ def train_loop(
     params = list(mod.trainable_parameters())
     optimizer = build_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    autocast, amp_dtype = _autocast(device, config.amp)
+    amp_context, amp_dtype = autocast(device, config)
+    if amp_dtype is torch.bfloat16 and device.type == "cpu":
+        keep_tiny_strided_convs_in_float32(module)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     start = 0
     if resume is not None:
@@ -180,7 +255,7 @@ def train_loop(
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         images, targets = _to_device(next(batches), device)
-        with autocast:
+        with amp_context:
             losses = mod(images, targets)
         total = torch.stack([v.float() for v in losses.values()]).sum()
         _check_finite(losses, total, step + 1)
