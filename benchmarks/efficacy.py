@@ -22,6 +22,7 @@ the benchmark says so and exits with status 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -292,6 +293,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage", default=None, help="Tune storage (default $FGD_HOME/tune)")
     p.add_argument("--no-teacher-cache", action="store_true", help="train the teacher again")
     p.add_argument(
+        "--teacher-iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the teacher for N iterations instead of the scale's (a teacher-strength study)",
+    )
+    p.add_argument(
         "--resume",
         metavar="NAME",
         default=None,
@@ -307,9 +315,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hyperparameters at seed 0, against the default weights",
     )
     args = p.parse_args(argv)
+    if args.teacher_iterations is not None and args.teacher_iterations < 1:
+        p.error("--teacher-iterations must be at least 1")
     if args.seeds < 2:
         p.error("--seeds must be at least 2 (the paired test needs a standard error)")
     return args
+
+
+def scale_of(args: argparse.Namespace) -> Scale:
+    """The configuration of ``--scale``, with ``--teacher-iterations`` applied."""
+    scale = SCALES[args.scale]
+    if args.teacher_iterations is None:
+        return scale
+    schedule = {**scale.teacher_train["schedule"], "iterations": args.teacher_iterations}
+    return dataclasses.replace(scale, teacher_train={**scale.teacher_train, "schedule": schedule})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.tracking import log_artifact_file, make_client, tracking_uri
 
     args = parse_args(argv)
-    scale = SCALES[args.scale]
+    scale = scale_of(args)
     t_start = time.perf_counter()
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

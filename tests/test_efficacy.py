@@ -105,3 +105,16 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
     job = load_spec(out / "efficacy_job.yaml")
     assert job.teacher is not None and job.teacher.train
     assert job.sweep is not None and job.sweep.grid["kind"] == ["distill", "baseline"]
+
+
+def test_teacher_iterations_change_the_teacher_job_and_its_cache_key():
+    import efficacy
+
+    default = efficacy.parse_args(["--scale", "cpu"])
+    longer = efficacy.parse_args(["--scale", "cpu", "--teacher-iterations", "1200"])
+    jobs = [efficacy.teacher_job(efficacy.scale_of(a), 4) for a in (default, longer)]
+    assert [j.train.schedule.iterations for j in jobs] == [900, 1200]
+    assert efficacy.teacher_key(jobs[0]) != efficacy.teacher_key(jobs[1])
+    assert efficacy.scale_of(longer).student_train == efficacy.scale_of(default).student_train
+    with pytest.raises(SystemExit):
+        efficacy.parse_args(["--teacher-iterations", "0"])
