@@ -3,10 +3,11 @@
 cpu: 128 px shapes, 4 classes, 1-6 objects of 8-64 px, 4,000 train / 300 val images;
 RetinaNet with trainable BatchNorm, a 64-channel FPN on P3-P7, GroupNorm head and anchors of
 8-128 px (the defaults at min_size 128); AdamW at 1e-3, batch 16, warm-up then cosine, clipping
-at 10. Teacher ResNet-34, 900 iterations on 2 threads (``--teacher-iterations`` changes it); students ResNet-18, 600 iterations, the
-baseline and the FGD student of a seed side by side on 1 thread each. Training autocasts to
-bfloat16 where the CPU computes it natively (`train.cpu_bf16`; AMX here: about 1.8x faster
-steps), evaluation stays in float32; other CPUs train in float32.
+at 10. Teacher ResNet-34, 900 iterations on 2 threads (``--teacher-iterations`` changes it);
+students ResNet-18, 600 iterations, the baseline and the FGD student of a seed side by side on
+1 thread each. Training autocasts to bfloat16 where the CPU computes it natively
+(``train.cpu_bf16``; AMX here: about 1.8x faster steps), evaluation stays in float32; other CPUs
+train in float32.
 
 FGD: the authors' RetinaNet weights (alpha 1e-3, beta 5e-4, gamma 5e-4, lambda 5e-6) times
 0.01 at temperature 2. The authors' values were tuned on COCO at 800 px with 256 channels; here

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from test_training import TRAIN, _teacher_file, det
+from test_training import _teacher_file, det, distill_job
 
 from fgd_core.data import CocoDetection, build_train_loader
 from fgd_core.detectors import build_detector_from_config, prepare
 from fgd_core.distill import Distiller
 from fgd_core.teacher_cache import TeacherFeatureCache, entry_ids, own_frame
-from fgd_core.training import FGDConfig, JobConfig
+from fgd_core.training import FGDConfig
 from fgd_core.training.jobs import Callbacks, open_teacher_cache, run_job
 
 
@@ -156,13 +156,9 @@ def test_a_job_with_the_cache_trains_as_without_it_and_a_rerun_reads_every_entry
     tiny_data, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("FGD_TEACHER_CACHE_DIR", str(tmp_path / "cache"))
-    job = JobConfig(
-        kind="distill",
-        data=tiny_data,
-        model=det(),
-        train=TRAIN,
-        teacher=det(fpn=32),
-        teacher_weights=str(_teacher_file(tiny_data, tmp_path)),
+    job = distill_job(
+        tiny_data,
+        _teacher_file(tiny_data, tmp_path),
         fgd=FGDConfig(temp=2.0),
         evaluate_teacher=False,
     )
@@ -192,15 +188,7 @@ def test_the_cache_folder_follows_the_teacher_weights(tiny_data, tmp_path, monke
     torch.save(state, second)
     folders = []
     for path in (first, first, second):
-        job = JobConfig(
-            kind="distill",
-            data=tiny_data,
-            model=det(),
-            train=TRAIN,
-            teacher=det(fpn=32),
-            teacher_weights=str(path),
-            fgd=FGDConfig(teacher_cache=True),
-        )
+        job = distill_job(tiny_data, path, fgd=FGDConfig(teacher_cache=True))
         distiller = Distiller(
             build_detector_from_config(job.model), build_detector_from_config(job.teacher), job.fgd
         )

@@ -164,6 +164,20 @@ def test_lr_linear_rule_and_schedule():
     assert [lr_factor(s, step) for s in (0, 49, 50, 80)] == pytest.approx([1, 1, 0.1, 0.01])
 
 
+def distill_job(tiny_data, teacher_weights, *, train=TRAIN, fgd=None, **extra) -> JobConfig:
+    """A distill job of the tiny student (16-channel FPN) from the 32-channel teacher's weights."""
+    return JobConfig(
+        kind="distill",
+        data=tiny_data,
+        model=det(),
+        train=train,
+        teacher=det(fpn=32),
+        teacher_weights=str(teacher_weights),
+        fgd=fgd or FGDConfig(),
+        **extra,
+    )
+
+
 def _teacher_file(tiny_data, tmp_path):
     result = run_job(JobConfig(kind="teacher", data=tiny_data, model=det(fpn=32), train=TRAIN))
     path = tmp_path / "teacher.pt"
@@ -175,13 +189,10 @@ def _teacher_file(tiny_data, tmp_path):
 def test_resume_is_bitwise_identical(tiny_data, tmp_path, cpu_bf16):
     if cpu_bf16 and not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bfloat16")
-    job = JobConfig(
-        kind="distill",
-        data=tiny_data,
-        model=det(),
+    job = distill_job(
+        tiny_data,
+        _teacher_file(tiny_data, tmp_path),
         train=dataclasses.replace(TRAIN, checkpoint_every=2, cpu_bf16=cpu_bf16),
-        teacher=det(fpn=32),
-        teacher_weights=str(_teacher_file(tiny_data, tmp_path)),
         fgd=FGDConfig(calibrate_ratio=1.0),
     )
     states = {}
@@ -195,13 +206,9 @@ def test_resume_is_bitwise_identical(tiny_data, tmp_path, cpu_bf16):
 
 
 def test_nan_guard_names_the_term(tiny_data, tmp_path):
-    job = JobConfig(
-        kind="distill",
-        data=tiny_data,
-        model=det(),
-        train=TRAIN,
-        teacher=det(fpn=32),
-        teacher_weights=str(_teacher_file(tiny_data, tmp_path)),
+    job = distill_job(
+        tiny_data,
+        _teacher_file(tiny_data, tmp_path),
         fgd=FGDConfig(alpha=float("inf")),
         evaluate_teacher=False,
     )
@@ -212,14 +219,7 @@ def test_nan_guard_names_the_term(tiny_data, tmp_path):
 def test_teacher_weights_that_do_not_load_are_an_error(tiny_data, tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save(build_detector_from_config(det("fcos", fpn=32)).state_dict(), wrong)
-    job = JobConfig(
-        kind="distill",
-        data=tiny_data,
-        model=det(),
-        train=TRAIN,
-        teacher=det(fpn=32),
-        teacher_weights=str(wrong),
-    )
+    job = distill_job(tiny_data, wrong)
     with pytest.raises(WeightsError):
         run_job(job)
 
