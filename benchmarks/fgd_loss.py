@@ -2,9 +2,10 @@
 
 Batch 2, padded input 800x1216, levels P3-P7 (strides 8-128), 256 channels, 20 boxes per image.
 Three forms of the same loss: the loop baseline (`fgd_reference.py`), the eager form
-(`fgd_core.losses.dense`) and the compiled form (`fgd_core.losses.compiled`, `torch.compile`).
-The first compiled call is timed (the compile time; the inductor cache is warm when every
-compiled graph came from it). Each form's values and gradients are checked against the loop's
+(`fgd_core.losses.dense`, blocks of torch ops) and the compiled form (`fgd_core.losses.compiled`:
+on the CPU the native kernels of `fgd_core.losses.native`, elsewhere `torch.compile`). The first
+compiled call is timed (the build of the native kernels, or the compile time, with the inductor
+cache warm when every compiled graph came from it). Each form's values and gradients are checked against the loop's
 (1e-5 relative), then the forms are timed alternately in one run with 1 and with 2 threads
 (medians, and minima for busy machines), next to a memory-bound floor (reading the student and
 teacher pyramids once). Peak memory of each form is measured in a child process.
@@ -32,8 +33,10 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fgd_reference import reference_fgd_level  # noqa: E402
 
+import fgd_core.losses.compiled as compiled  # noqa: E402
 from fgd_core.losses import MultiLevelFGD  # noqa: E402
 from fgd_core.losses.compiled import inductor_cache_dir  # noqa: E402
+from fgd_core.losses.native import native_cache_dir  # noqa: E402
 
 BATCH, CHANNELS, INPUT_HW, BOXES = 2, 256, (800, 1216), 20
 LEVELS = {f"P{k}": 2**k for k in range(3, 8)}
@@ -173,6 +176,12 @@ def first_compiled_call(fn: Callable[[], object]) -> dict:
     return {"s": seconds, "cache_warm": delta["miss"] == 0 and delta["hit"] > 0, **delta}
 
 
+def native_in_use(feats: dict) -> bool:
+    """Whether the compiled form runs the native kernels here (float32 CPU, and they built)."""
+    level = compiled._DEFAULT
+    return level.native and not level.native_failed and next(iter(feats.values())).is_cpu
+
+
 def time_alternating(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median and minimum milliseconds of each function, called in turn `repeats` times."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -255,12 +264,21 @@ def main() -> None:
         cache = str(inductor_cache_dir())
         first = first_compiled_call(runner("compiled", loss, feats, teacher, boxes))
         results["compile_s"], results["compile_cache_warm"] = first["s"], first["cache_warm"]
-        results["compile_cache_dir"] = cache
-        print(
-            f"compile (first compiled call, 1 thread): {first['s']:.1f} s, inductor cache "
-            f"{'warm' if first['cache_warm'] else 'cold'} ({first['hit']} hits, "
-            f"{first['miss']} misses; {cache})"
+        results["compile_native"] = native_in_use(feats)
+        results["compile_cache_dir"] = (
+            str(native_cache_dir()) if results["compile_native"] else cache
         )
+        if results["compile_native"]:
+            print(
+                f"first compiled call (1 thread): {first['s']:.1f} s, native CPU kernels "
+                f"({native_cache_dir()})"
+            )
+        else:
+            print(
+                f"compile (first compiled call, 1 thread): {first['s']:.1f} s, inductor cache "
+                f"{'warm' if first['cache_warm'] else 'cold'} ({first['hit']} hits, "
+                f"{first['miss']} misses; {cache})"
+            )
     agreement = check_agreement(loss, student, teacher, boxes, forms)
     results["agreement"] = agreement
     for kind, diff in agreement.items():

@@ -1,4 +1,5 @@
-"""The opt-in compiled FGD path: agreement with eager, no recompiling on new weights, fallback."""
+"""The opt-in compiled FGD path under torch.compile (the form it takes off the CPU or without the
+native kernels): agreement with eager, no recompiling on new weights, fallback."""
 
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ def assert_close(ours, theirs):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (
             (a - b).abs().max()
         )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inductor_only():
+    """This module tests the torch.compile form: the native CPU kernels are off here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "_DEFAULT", compiled.CompiledLevel(native=False))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +193,7 @@ def test_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog, where
         monkeypatch.setattr(torch, "compile", _raise)
     else:
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: _raise)
-    monkeypatch.setattr(compiled, "_DEFAULT", compiled.CompiledLevel())
+    monkeypatch.setattr(compiled, "_DEFAULT", compiled.CompiledLevel(native=False))
     loss = make_loss(compile=True)
     batch = make_batch((3, 4))
     with caplog.at_level(logging.WARNING, logger=compiled.__name__):
@@ -203,7 +212,7 @@ def test_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog, where
 def test_failure_of_both_paths_raises_and_keeps_the_compiled_path(monkeypatch):
     # When the eager path fails as well, the inputs are at fault, not the compiler.
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: _raise)
-    level = compiled.CompiledLevel()
+    level = compiled.CompiledLevel(native=False)
 
     def bad_input(*args, **kwargs):
         raise ValueError("bad input")

@@ -349,9 +349,9 @@ class FGDSpec(_Spec):
     calibrate_temp: bool = Field(True, description="When calibrating, also pick temp.")
     compile: bool | None = Field(
         None,
-        description="Compute the loss with torch.compile (faster on the CPU after a one-off "
-        "compile of seconds with a warm cache, about a minute cold; falls back to eager if "
-        "compiling fails); None = the env var FGD_COMPILE on the worker.",
+        description="Compute the loss with compiled code: native kernels on the CPU (built "
+        "once per machine in about a second), torch.compile elsewhere; falls back to eager if "
+        "neither builds; None = the env var FGD_COMPILE on the worker.",
     )
     teacher_cache: bool = Field(
         False,

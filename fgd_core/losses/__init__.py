@@ -1,7 +1,8 @@
 """FGD losses: the per-level loss, the multi-level wrapper, masks and calibration.
 
-The dense terms have an eager form (`dense`) and an opt-in compiled one (`compiled`; FGDLoss
-and MultiLevelFGD take `compile=`, or the env var FGD_COMPILE).
+The dense terms have an eager form (`dense`) and an opt-in compiled one (`compiled`: the native
+CPU kernels of `native`, else torch.compile; FGDLoss and MultiLevelFGD take `compile=`, or the
+env var FGD_COMPILE).
 """
 
 from fgd_core.losses.compiled import CompiledLevel, compile_requested

@@ -1,4 +1,8 @@
-"""Opt-in compiled form of one level's FGD terms: plain tensor code under `torch.compile`.
+"""Opt-in compiled form of one level's FGD terms: native CPU kernels, else `torch.compile`.
+
+On the CPU, float32 features go through the native kernels of `fgd_core.losses.native` (C++
+built once per machine in about a second, the fastest form there); everything else (CUDA,
+other dtypes, a machine without a C++ compiler) through `level_terms` under `torch.compile`.
 
 `level_terms` writes the four terms of FGD_SPEC.md (steps 2-6) with the algebra of
 `fgd_core.losses.dense` (every term from `D = S - T` and per-cell / per-channel sums; the global
@@ -9,7 +13,7 @@ channels per feature (the context gradients) and one loop that writes the studen
 sums the logit-conv weight gradients. The function also runs uncompiled, but then every op is a
 full-size pass.
 
-`CompiledLevel` owns the compiled callable:
+`CompiledLevel` owns the compiled callables:
 
 - It is compiled on first use, with the inductor cache under a stable folder (an existing
   `TORCHINDUCTOR_CACHE_DIR`, else `$FGD_HOME/cache/inductor`, `FGD_HOME` defaulting to
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from fgd_core.losses.dense import dense_terms, logit_conv
 from fgd_core.losses.gcblock import ContextBlock
+from fgd_core.losses.native import NativeUnavailable, native_passes, supported
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +143,27 @@ def level_terms(
 
 
 class CompiledLevel:
-    """`level_terms` under `torch.compile`, compiled on first use, with the eager fallback.
+    """The native kernels for float32 CPU features, else `level_terms` under `torch.compile`
+    (compiled on first use), with the eager fallback.
 
     Args:
         compile_options: extra keyword arguments of `torch.compile` (`fullgraph` is on).
         mark_dynamic: mark the batch and cell dimensions dynamic from the first call (else
             `torch.compile`'s default: static first, dynamic after a size changes).
+        native: use the native kernels where they apply (False: `torch.compile` everywhere).
     """
 
     def __init__(
-        self, compile_options: dict[str, Any] | None = None, *, mark_dynamic: bool = True
+        self,
+        compile_options: dict[str, Any] | None = None,
+        *,
+        mark_dynamic: bool = True,
+        native: bool = True,
     ) -> None:
         self.compile_options = {"fullgraph": True, **(compile_options or {})}
         self.mark_dynamic = mark_dynamic
+        self.native = native
+        self.native_failed = False
         self.failed = False
         self._fns: dict[int, Callable[..., tuple[Tensor, ...]]] = {}
 
@@ -175,6 +188,20 @@ class CompiledLevel:
         teacher_context: ContextBlock,
     ) -> dict[str, Tensor]:
         """As `dense_terms`: (B, C, H, W) features and (B, H, W) masks in, the four terms out."""
+        if self.native and not self.native_failed and supported(s, t, fg, bg):
+            try:
+                passes = native_passes()
+            except NativeUnavailable as exc:
+                self.native_failed = True
+                log.warning("FGD: no native CPU kernels (%s); using torch.compile", exc)
+            else:
+                return dense_terms(
+                    *(s, t, fg, bg),
+                    temp=temp,
+                    student_context=student_context,
+                    teacher_context=teacher_context,
+                    passes=passes,
+                )
         if not self.failed:
             B, C, H, W = t.shape
             args = (

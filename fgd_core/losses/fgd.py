@@ -37,8 +37,8 @@ class FGDLoss(nn.Module):
     change between steps (calibration, PBT) without rebuilding the module.
 
     `compile` picks how the dense terms are computed: False the eager path
-    (`fgd_core.losses.dense`), True the `torch.compile`d one (`fgd_core.losses.compiled`, with
-    an eager fallback), None (default) the env var FGD_COMPILE ("1" or "true" enables), read at
+    (`fgd_core.losses.dense`), True the compiled one (`fgd_core.losses.compiled`: native kernels
+    on the CPU, `torch.compile` elsewhere, with an eager fallback), None (default) the env var FGD_COMPILE ("1" or "true" enables), read at
     each call. Both give the same values and gradients.
     """
 

@@ -81,7 +81,7 @@ class FGDConfig:
     inherit: bool = False  # start the student from the teacher's neck and head where shapes match
     calibrate_ratio: float | None = None  # rescale the weights on the first batch to this ratio
     calibrate_temp: bool = True  # when calibrating, also propose a spread temperature
-    compile: bool | None = None  # torch.compile the loss (None: the env var FGD_COMPILE)
+    compile: bool | None = None  # compiled loss: native on the CPU (None: env var FGD_COMPILE)
     teacher_cache: bool = False  # keep the teacher's features on disk (fgd_core.teacher_cache)
 
     @property
