@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 ## Run the whole test suite (slow integration tests included).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 ## Unit tests only.
 test-fast: $(STAMP)

@@ -112,6 +112,7 @@ def build(compiler: str | None = None) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as exc:
+        tmp.unlink(missing_ok=True)
         raise NativeUnavailable(f"{' '.join(cmd)} failed: {exc}") from exc
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
