@@ -82,8 +82,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FGD_HOME=/fgd
 USER root
+# g++ builds the native FGD loss kernels on first use (fgd.compile; about a second, cached in
+# $FGD_HOME/cache/native); without it that path falls back to torch.compile, then eager.
 # Mount points owned by `ray` (uid 1000): a fresh named volume takes this ownership.
-RUN mkdir -p /fgd/data /tmp/ray \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /fgd/data /tmp/ray \
     && chown -R 1000:100 /fgd /tmp/ray
 USER ray
 COPY --from=requirements --chown=1000:100 /src/requirements-ray.txt /tmp/requirements.txt
