@@ -171,11 +171,13 @@ def cached_teacher(job: JobSpec, cache_root: Path, *, uri: str, storage: str) ->
     )
     if result.best is None or not result.best.mlflow_run_id:
         raise RuntimeError("the teacher job produced no model")
-    weights = download_run_artifact(
-        f"runs:/{result.best.mlflow_run_id}/model/state_dict.pt", client=make_client(uri)
-    )
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, folder / "model.pt")
+    weights = download_run_artifact(
+        f"runs:/{result.best.mlflow_run_id}/model/state_dict.pt",
+        client=make_client(uri),
+        dst_path=folder,
+    )
+    Path(weights).replace(folder / "model.pt")
     info = {
         "weights": str(folder / "model.pt"),
         "metrics": result.best.metrics,

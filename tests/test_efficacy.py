@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.timeout(1500)  # three runs of the benchmark, each about a minute on a quiet machine
+def _teacher_downloads() -> set[Path]:
+    """Teacher weights fetched by trials into the temp folder (theirs, or MLflow's default)."""
+    tmp = Path(tempfile.gettempdir())
+    return {*tmp.glob("fgd-teacher-*"), *tmp.glob("tmp*/state_dict.pt")}
+
+
 def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_server, tmp_path):
     from workers.tracking import make_client
 
@@ -49,6 +56,7 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
     }
     out = tmp_path / "out"
     args = ["--scale", "smoke", "--seeds", "2", "--data-seed", "3", "--out", str(out)]
+    downloads = _teacher_downloads()
     first = _run(args, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((out / "efficacy.json").read_text())
@@ -84,6 +92,8 @@ def test_the_smoke_benchmark_writes_its_figures_and_reuses_the_teacher(mlflow_se
     assert 0 < len(list(features.glob("*.npy"))) <= 2 * 24
     distilled = [r for r in children if r.data.params["kind"] == "distill"]
     assert all("train/teacher_cache_hit_rate" in r.data.metrics for r in distilled)
+    # Each FGD trial fetched the teacher from MLflow into a folder of its own, gone with it.
+    assert _teacher_downloads() == downloads
 
     # The same data seed and configuration again: the teacher comes from the cache.
     again = _run([*args[:-1], str(tmp_path / "again")], env)

@@ -92,15 +92,18 @@ def flat_params(spec: JobSpec) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def resolve_teacher_weights(spec: JobSpec, teacher_uri: str | None, client: Any) -> str | None:
-    """A local file of the teacher's weights: the checkpoint, or the MLflow artifact fetched."""
+def resolve_teacher_weights(
+    spec: JobSpec, teacher_uri: str | None, client: Any, downloads: Path | None = None
+) -> str | None:
+    """A local file of the teacher's weights: the checkpoint, or the MLflow artifact fetched
+    into `downloads` (else a temporary folder of MLflow's that nobody removes)."""
     if spec.kind != "distill" or spec.teacher is None:
         return None
     uri = teacher_uri or spec.teacher.mlflow_uri
     if uri:
         from workers.tracking import download_run_artifact
 
-        path = download_run_artifact(uri, client=client)
+        path = download_run_artifact(uri, client=client, dst_path=downloads)
         if path.is_dir():  # a registered model or run folder: the one state-dict file in it
             files = sorted(path.rglob("*.pt"))
             if len(files) != 1:
@@ -111,7 +114,21 @@ def resolve_teacher_weights(spec: JobSpec, teacher_uri: str | None, client: Any)
 
 
 def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict[str, Any]) -> None:
-    """Train one trial; reports metrics and a checkpoint at every evaluation."""
+    """Train one trial; reports metrics and a checkpoint at every evaluation.
+
+    A teacher fetched from MLflow lands in a folder of the trial's own, removed when the trial
+    ends however it ends (a sweep's trials would otherwise leave a copy each on the node).
+    """
+    downloads = Path(tempfile.mkdtemp(prefix="fgd-teacher-"))
+    try:
+        _train_trial(config, job, tracking, downloads)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+
+
+def _train_trial(
+    config: dict[str, Any], job: dict[str, Any], tracking: dict[str, Any], downloads: Path
+) -> None:
     import ray
     import torch
     from ray import tune
@@ -137,7 +154,7 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
 
     spec = apply_overrides(job, config)
     client = make_client(tracking["uri"])
-    teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client)
+    teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client, downloads)
     job_cfg = job_config(spec, teacher_weights=teacher_weights)
     hp = dict(config.get("hp") or {})
 
