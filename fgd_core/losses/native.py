@@ -1,10 +1,10 @@
-"""Native CPU kernels for the four full-size passes of a level (`native_kernels.cpp`).
+"""Native CPU kernels for the full-size work of a level (`native_kernels.cpp`).
 
 `NativePasses` has the interface of `fgd_core.losses.dense.BlockedPasses`: the same sums, taken
-by plain C++ loops instead of blocks of torch ops. Each pass streams both features once through
-per-cell accumulators that stay in the L1 cache (one image and a run of cells per work item,
-OpenMP threads over the items), with no op dispatch per block and no temporary the size of a
-block; the small per-channel partial sums of the items are added up in torch.
+by one C++ kernel for the forward and one for the backward instead of blocks of torch ops. Each
+kernel reads both features from memory once, a run of cells of one image per work item (OpenMP
+threads over the items), with no op dispatch per block and no temporary the size of a block;
+the small per-channel partial sums of the items are combined in torch.
 
 Build. The kernels are compiled on first use with the system's C++ compiler (`$CXX`, else
 `g++` or `c++`) with `-O3 -march=native -fopenmp`, which takes about a second, and the shared
@@ -12,8 +12,8 @@ library is kept under `$FGD_HOME/cache/native` (`FGD_HOME` defaulting to `~/.fgd
 hash of the source, the compiler, the flags and the CPU, so every later process of the machine
 loads it at once. The library is loaded with ctypes (which releases the GIL during a call);
 its OpenMP runtime is the `libgomp.so.1` that torch has already loaded. Without a compiler,
-`native_passes()` raises `NativeUnavailable` with the reason; the callers fall back to the
-blocked torch passes.
+`native_passes()` raises `NativeUnavailable` with the reason, and the compiled path
+(`fgd_core.losses.compiled`) falls back to `torch.compile`, then to the blocked torch passes.
 
 Only float32 CPU tensors go through the kernels; the callers send anything else to the other
 paths.

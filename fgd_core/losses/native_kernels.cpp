@@ -1,15 +1,15 @@
-// The four full-size passes of one FGD level (fgd_core/losses/dense.py has the algebra), as
-// plain loops over float32 features laid out (B, C, N), N = H * W cells.
+// The full-size work of one FGD level (fgd_core/losses/dense.py has the algebra) as two kernels,
+// one forward and one backward, plain loops over float32 features laid out (B, C, N), N = H * W.
 //
 // Work is cut into items of one image and a run of at most L cells (L <= MAX_RUN). An item keeps
-// its per-cell accumulators (a few runs of L floats) in the L1 cache and goes twice over the
+// its per-cell accumulators (a few runs of L floats) in a local buffer and goes twice over the
 // channel rows of its run: first for the sums over channels per cell, then, with the per-cell
-// weights those give, for the sums over cells per channel (and the gradient). The run is short
-// enough for both features' rows to stay in the L2 cache between the two, so each kernel reads
-// every element of both features from memory once. The inner loops go along the contiguous cells
-// and are vectorised. Sums over cells are taken per item and written to a partial buffer
-// (B, K, ..., C), K = ceil(N / L), with the item's softmax shifts, for the caller to combine.
-// Items are shared among `threads` OpenMP threads.
+// weights those give, for the sums over cells per channel (and the gradient). The second sweep
+// reads the item's rows again from the caches, so each kernel reads every element of both
+// features from memory once. The inner loops go along the contiguous cells, two channel rows at a
+// step. Sums over cells are taken per item and written to a partial buffer (B, K, ..., C),
+// K = ceil(N / L), with the item's softmax shifts, for the caller to combine. Items are shared
+// among `threads` OpenMP threads.
 //
 // Built by fgd_core/losses/native.py with -O3 -march=native -fopenmp, loaded with ctypes.
 
@@ -20,17 +20,15 @@
 namespace {
 
 constexpr int64_t MAX_RUN = 2048;
-// Per-cell runs that an item accumulates into (loads and stores every step) are rows of a local
-// buffer whose stride is 64 bytes off a multiple of 4 KB. Runs at equal offsets of 4 KB-aligned
-// tensors (large allocations are) would alias in the store-to-load forwarding of x86 cores, and
-// every step would wait on the previous one's stores.
+// Per-cell runs that an item accumulates into are rows of a local buffer, its stride 64 bytes off
+// a multiple of 4 KB so that the rows never sit at equal offsets of 4 KB pages (which x86 cores
+// can mistake for a store-to-load dependency).
 constexpr int64_t RUN_STRIDE = MAX_RUN + 16;
 
 inline int64_t chunk_count(int64_t n, int64_t len) { return (n + len - 1) / len; }
 
 // Eight floats in GCC/Clang vector extensions (AVX registers where the CPU has them). Sums over a
-// run are kept in vector accumulators and added up once per row: the compilers' own `omp simd`
-// reductions spill them to the stack at the end of every row, which costs more than the row.
+// run are kept in vector accumulators and added up once per row.
 typedef float vf __attribute__((vector_size(32)));
 typedef int vi __attribute__((vector_size(32)));
 typedef float vf_u __attribute__((vector_size(32), aligned(4)));  // unaligned loads and stores
@@ -44,22 +42,6 @@ inline vf vsign(vf x) { return __builtin_convertvector((x < 0.f) - (x > 0.f), vf
 inline vf zero() { return splat(0.f); }
 inline float hsum(vf v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-// Rows ahead that the first sweep over an item asks the memory for: its runs of a few hundred
-// bytes per row are too short for the hardware prefetchers, which leaves every line a miss.
-constexpr int64_t PREFETCH_ROWS = 6;
-
-// Ask for the run of row c + PREFETCH_ROWS of both features (64-byte lines).
-inline void prefetch_rows(const float* s_row, const float* t_row, int64_t c, int64_t C,
-                          int64_t N, int64_t len) {
-  if (c + PREFETCH_ROWS >= C) return;
-  const char* sp = reinterpret_cast<const char*>(s_row + PREFETCH_ROWS * N);
-  const char* tp = reinterpret_cast<const char*>(t_row + PREFETCH_ROWS * N);
-  for (int64_t off = 0; off < len * 4; off += 64) {
-    __builtin_prefetch(sp + off);
-    __builtin_prefetch(tp + off);
-  }
 }
 
 inline float sign_of(float x) { return static_cast<float>(x > 0.f) - static_cast<float>(x < 0.f); }
@@ -288,7 +270,6 @@ void fgd_forward(const float* __restrict__ s, const float* __restrict__ t,
     int64_t c = 0;
     for (; c + ROWS <= C; c += ROWS) {
       const Rows<ROWS> rows(s, t, nullptr, b, c, C, N, n0);
-      prefetch_rows(rows.s[0], rows.t[0], c + ROWS - 1, C, N, len);
       sweep_sums<ROWS>(rows.s, rows.t, t_w + c, s_w + c, len, cell_t, cell_s, logit_t, logit_s,
                        out + c, out + C + c);
     }
@@ -371,7 +352,6 @@ void fgd_backward(const float* __restrict__ s, const float* __restrict__ t,
     int64_t c = 0;
     for (; c + ROWS <= C; c += ROWS) {
       const Rows<ROWS> rows(s, t, nullptr, b, c, C, N, n0);
-      prefetch_rows(rows.s[0], rows.t[0], c + ROWS - 1, C, N, len);
       sweep_project<ROWS>(rows.s, rows.t, cb + C + c, cb + 5 * C + c, len, lg_s, lg_t);
     }
     for (; c < C; ++c) {
