@@ -1,19 +1,30 @@
 """Benchmark: the cost of running trainings as a Ray Tune sweep logged to MLflow.
 
-Runs 8 trainings of about 20 s each (at one thread) three ways on this machine's CPUs:
-through Tune and MLflow with 2 concurrent trials, the same 8 trainings directly in a process
-pool of 2 workers, and through Tune with 1 concurrent trial. Prints the overhead ratio
-(Tune / pool, target <= 1.10) and the throughput of 2 concurrent trials against 1.
+Runs 8 trainings of about 20 s each (at one thread) on this machine's CPUs: through Tune and
+MLflow with 2 concurrent trials, the same 8 trainings directly in a process pool of 2 workers,
+and through Tune with 1 concurrent trial. Prints the overhead ratio (Tune / pool, target
+<= 1.10) and the throughput of 2 concurrent trials against 1.
 
-    python benchmarks/sweep_overhead.py [--trials 8] [--iterations 40] [--out benchmarks/results]
+Both sides start from a parent that has imported its own code (the pool's parent fgd_core,
+the sweep's driver Ray Tune and MLflow); the clock runs from the first training's submission
+to the last one's end. Tune's trial processes are fresh Ray workers that import torch
+themselves, so the headline pool is one of fresh processes too (``spawn``); the pool of
+processes forked from the parent, which inherit its imports, is measured and reported as well.
+The number of steps is calibrated so that a training takes ``--seconds`` alone on one thread,
+unless ``--iterations`` is given.
+
+    python benchmarks/sweep_overhead.py [--trials 8] [--seconds 20 | --iterations N]
+        [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -71,11 +82,41 @@ def direct_training(args: tuple[dict[str, Any], float]) -> float:
     return time.perf_counter() - t0
 
 
-def run_pool(job: dict[str, Any], trials: int, workers: int) -> float:
+def run_pool(job: dict[str, Any], trials: int, workers: int, start: str) -> float:
+    context = multiprocessing.get_context(start)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         list(pool.map(direct_training, [(job, a) for a in ALPHAS[:trials]]))
     return time.perf_counter() - t0
+
+
+def calibrate(root: Path, seconds: float) -> int:
+    """Steps for a training of about ``seconds`` alone on one thread (two timed trainings)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        short, long = (direct_training((job_dict(root, n), 1e-6)) for n in (8, 24))
+    finally:
+        torch.set_num_threads(threads)
+    per_step = max((long - short) / 16, 1e-3)
+    steps = round((seconds - (short - 8 * per_step)) / per_step)
+    print(f"calibration: 8 steps {short:.1f} s, 24 steps {long:.1f} s -> {steps} steps")
+    return max(8, steps)
+
+
+def import_driver() -> None:
+    """What the sweep's driver imports on its first sweep (outside the timings, as the pool's
+    parent has imported fgd_core before it forks)."""
+    import mlflow  # noqa: F401
+    import ray.tune  # noqa: F401
+    import ray.tune.schedulers  # noqa: F401
+
+    import workers.distill_report  # noqa: F401
+    import workers.report  # noqa: F401
+    import workers.sweep  # noqa: F401
+    import workers.trainable  # noqa: F401
 
 
 def run_tune(
@@ -100,7 +141,8 @@ def run_tune(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=40, help="steps per training")
+    parser.add_argument("--seconds", type=float, default=20.0, help="a training alone, about")
+    parser.add_argument("--iterations", type=int, help="steps per training (else calibrated)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -111,8 +153,10 @@ def main() -> None:
     from workers.tracking import start_server
 
     work = Path(tempfile.mkdtemp(prefix="fgd-sweep-bench-"))
-    job = job_dict(work, args.iterations)
-    resolve_data(JobSpec.model_validate(job).data)  # generate the data once, outside timings
+    resolve_data(JobSpec.model_validate(job_dict(work, 8)).data)  # the data, outside timings
+    iterations = args.iterations or calibrate(work, args.seconds)
+    job = job_dict(work, iterations)
+    import_driver()
     server = start_server(
         f"sqlite:///{work / 'mlflow.db'}", str(work / "artifacts"), log_path=work / "mlflow.log"
     )
@@ -121,21 +165,25 @@ def main() -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         tune_2 = run_tune(job, args.trials, 2, server.uri, work / "tune", "concurrent-2")
         ray.shutdown()
-        pool_2 = run_pool(job, args.trials, cpus)
+        pool_2 = run_pool(job, args.trials, cpus, "spawn")
+        pool_fork = run_pool(job, args.trials, cpus, "fork")
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         tune_1 = run_tune(job, args.trials, 1, server.uri, work / "tune", "concurrent-1")
         ray.shutdown()
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     results = {
         "trials": args.trials,
-        "iterations": args.iterations,
+        "iterations": iterations,
         "tune_2_concurrent_s": tune_2,
         "pool_2_workers_s": pool_2,
+        "pool_2_workers_fork_s": pool_fork,
         "tune_1_concurrent_s": tune_1,
         "overhead_ratio": tune_2 / pool_2,
+        "overhead_ratio_fork_pool": tune_2 / pool_fork,
         "throughput_2_over_1": tune_1 / tune_2,
-        "mean_training_s": pool_2 * cpus / args.trials,
+        "mean_training_s": pool_fork * cpus / args.trials,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -143,11 +191,13 @@ def main() -> None:
         },
     }
     print(
-        f"8 trainings: Tune+MLflow (2 concurrent) {tune_2:.1f} s, process pool (2 workers) "
-        f"{pool_2:.1f} s, Tune (1 concurrent) {tune_1:.1f} s"
+        f"{args.trials} trainings of {iterations} steps: Tune+MLflow (2 concurrent) {tune_2:.1f} s, "
+        f"process pool (2 workers) {pool_2:.1f} s fresh, {pool_fork:.1f} s forked, "
+        f"Tune (1 concurrent) {tune_1:.1f} s"
     )
     print(f"mean training {results['mean_training_s']:.1f} s")
     print(f"overhead ratio {results['overhead_ratio']:.2f}  (target <= 1.10)")
+    print(f"overhead ratio against the forked pool {results['overhead_ratio_fork_pool']:.2f}")
     print(f"throughput 2 concurrent / 1 concurrent {results['throughput_2_over_1']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_overhead.json").write_text(json.dumps(results, indent=2))

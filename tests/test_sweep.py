@@ -176,6 +176,50 @@ def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path, monk
     assert max(steps) == 6
 
 
+def test_trial_failing_after_its_last_report_is_not_trained_again(env, tmp_path):
+    """Tune's last checkpoint of a finished trial holds no weights, only its final report and
+    where its final state lives in MLflow; a retry from it reports again without training."""
+    import json
+
+    import ray
+    from sweep_helpers import tiny_job
+
+    from workers.sweep import run_sweep
+
+    marker = tmp_path / "fault-fired"
+    ray.init(
+        num_cpus=2,
+        object_store_memory=150 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"FGD_FAULT_AT_STEP": "end", "FGD_FAULT_MARKER": str(marker)}},
+    )
+    try:
+        sweep = {"num_samples": 1, "max_failures": 1}
+        spec = JobSpec.model_validate(tiny_job(env["data"], None, sweep=sweep))
+        storage = tmp_path / "tune"
+        result = run_sweep(
+            spec, name="complete", tracking_uri=env["uri"], storage_path=str(storage)
+        )
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the trial failed after its last report
+    (row,) = result.rows
+    assert row.status == "TERMINATED" and row.metrics["step"] == 6
+    assert row.run_status == "FINISHED"
+    runs = _children(env["uri"], result.experiment_id, result.parent_run_id)
+    assert len(runs) == 1
+    history = _client(env["uri"]).get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == sorted({m.step for m in history})  # logged once
+    last = max(storage.glob("complete/*/checkpoint_*"))
+    assert sorted(p.name for p in last.iterdir()) == ["trial.json"]
+    meta = json.loads((last / "trial.json").read_text())
+    assert meta["complete"] and meta["report"]["step"] == 6
+    assert meta["final_checkpoint"] == f"runs:/{row.mlflow_run_id}/checkpoint/state.pt"
+    files = {f.path for f in _client(env["uri"]).list_artifacts(row.mlflow_run_id, "checkpoint")}
+    assert files == {"checkpoint/state.pt"}
+
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -242,6 +242,8 @@ def run_sweep(
         "experiment_id": experiment_id,
         "parent_run_id": parent,
         "teacher_uri": teacher_uri,
+        # PBT may clone a finished trial's final state; otherwise that state lives in MLflow only.
+        "final_state_in_tune": sweep.scheduler == "pbt",
     }
     job = spec.to_dict()
     trainable = tune.with_resources(

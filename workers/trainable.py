@@ -9,35 +9,42 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
 from workers.spec import JobSpec
 from workers.sweep_spec import FGD_PARAMS, RATIO
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
 META_FILE = "trial.json"
+COMPLETE_KEY = "complete"  # in META_FILE: the trial ran to its end (see _complete_checkpoint)
 
 # Fault injection for the fault-tolerance tests: with FGD_FAULT_AT_STEP=N and
-# FGD_FAULT_MARKER=<path>, the first trial to reach step N creates the marker and raises once.
+# FGD_FAULT_MARKER=<path>, the first trial to reach step N creates the marker and raises once;
+# FGD_FAULT_AT_STEP=end raises once after a trial's last report instead.
 FAULT_STEP_ENV = "FGD_FAULT_AT_STEP"
 FAULT_MARKER_ENV = "FGD_FAULT_MARKER"
+FAULT_AT_END = "end"
 
 
 class InjectedFault(RuntimeError):
     """Raised once by the fault-injection hook (tests only)."""
 
 
-def _maybe_inject_fault(step: int) -> None:
+def _maybe_inject_fault(step: int | str) -> None:
     at = os.environ.get(FAULT_STEP_ENV)
     marker = os.environ.get(FAULT_MARKER_ENV)
-    if not at or not marker or step != int(at):
+    if not at or not marker or str(step) != at:
         return
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -119,7 +126,8 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     A teacher fetched from MLflow lands in a folder of the trial's own, removed when the trial
     ends however it ends (a sweep's trials would otherwise leave a copy each on the node).
     """
-    downloads = Path(tempfile.mkdtemp(prefix="fgd-teacher-"))
+    # Made only when a teacher is fetched: a trial killed outright leaves no empty folder.
+    downloads = Path(tempfile.gettempdir()) / f"fgd-teacher-{uuid.uuid4().hex}"
     try:
         _train_trial(config, job, tracking, downloads)
     finally:
@@ -152,24 +160,28 @@ def _train_trial(
     # Two oversubscribed cores run many times slower: one torch thread per CPU of the trial.
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
 
-    spec = apply_overrides(job, config)
-    client = make_client(tracking["uri"])
-    teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client, downloads)
-    job_cfg = job_config(spec, teacher_weights=teacher_weights)
-    hp = dict(config.get("hp") or {})
-
     resume = None
     run_id = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder) / STATE_FILE)
             meta = json.loads((Path(folder) / META_FILE).read_text())
+            if not meta.get(COMPLETE_KEY):
+                resume = load_checkpoint(Path(folder) / STATE_FILE)
+        if meta.get(COMPLETE_KEY):
+            _report_again(meta, trial_id)
+            return
         if meta.get("trial_id") == trial_id:  # PBT may hand over another trial's checkpoint
             run_id = meta.get("mlflow_run_id")
-        if "fgd_hparams" in resume and hp:
-            # PBT: the values in force are the ones the scheduler chose for this trial.
-            resume["fgd_hparams"].update({k: float(v) for k, v in hp.items() if k != RATIO})
+
+    spec = apply_overrides(job, config)
+    client = make_client(tracking["uri"])
+    teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client, downloads)
+    job_cfg = job_config(spec, teacher_weights=teacher_weights)
+    hp = dict(config.get("hp") or {})
+    if resume is not None and "fgd_hparams" in resume and hp:
+        # PBT: the values in force are the ones the scheduler chose for this trial.
+        resume["fgd_hparams"].update({k: float(v) for k, v in hp.items() if k != RATIO})
 
     run_id = open_trial_run(
         client,
@@ -184,23 +196,25 @@ def _train_trial(
     in_force: dict[str, float] = {}
     last_train: dict[str, float] = {}
     teacher_eval: dict[str, float] = {}
+    # Metrics and artifacts travel to MLflow on background threads while the trial trains; the
+    # trial waits for all of them before its run is finished (or failed).
+    mlflow_io = _Background()
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         last_train.clear()
         last_train.update({f"train/{k}": v for k, v in metrics.items()})
-        log_metrics(client, run_id, last_train, step)
+        mlflow_io.submit(log_metrics, client, run_id, dict(last_train), step)
         _maybe_inject_fault(step)
 
     def on_evaluation(step: int, metrics: dict[str, float]) -> None:
         evaluations[step] = metrics
-        log_metrics(client, run_id, metrics, step)
+        mlflow_io.submit(log_metrics, client, run_id, dict(metrics), step)
 
     def on_teacher(metrics: dict[str, float]) -> None:
         teacher_eval.update({f"teacher_{k}": v for k, v in metrics.items()})
-        log_metrics(client, run_id, teacher_eval, 0)
+        mlflow_io.submit(log_metrics, client, run_id, dict(teacher_eval), 0)
 
     final_step = job_cfg.train.schedule.iterations
-    uploads = _Uploads()
     # The last report waits until the run is complete in MLflow: a scheduler may stop the trial
     # at that report (ASHA at its top rung), which ends this function there.
     final_report: list[tuple[dict[str, Any], Path]] = []
@@ -208,15 +222,15 @@ def _train_trial(
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         if "fgd_hparams" in state:
             in_force.update(state["fgd_hparams"])
-            log_metrics(client, run_id, {f"hp/{k}": v for k, v in in_force.items()}, step)
+            hp_now = {f"hp/{k}": v for k, v in in_force.items()}
+            mlflow_io.submit(log_metrics, client, run_id, hp_now, step)
         folder = Path(tempfile.mkdtemp(prefix="fgd-ckpt-"))
         save_checkpoint(state, folder / STATE_FILE)
         meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
         (folder / META_FILE).write_text(json.dumps(meta))
         if step == final_step:
-            # The final checkpoint goes to MLflow while the trial finishes; Tune persists its own
-            # copy at the last report, and the folder is removed after that.
-            uploads.submit(log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint")
+            # The final checkpoint goes to MLflow while the trial finishes.
+            mlflow_io.submit(log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint")
         report: dict[str, Any] = {
             k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)
         }
@@ -240,51 +254,98 @@ def _train_trial(
         copy_checkpoint_state=False,
     )
     try:
-        try:
-            result = run_job(job_cfg, callbacks=callbacks, resume=resume)
-        finally:
-            uploads.wait()
-    except SystemExit:
+        result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+    except BaseException as exc:
         # Tune stops a trial (ASHA, a time budget) by exiting its thread at the next report.
-        finish_run(client, run_id, "KILLED")
+        status = "KILLED" if isinstance(exc, SystemExit) else "FAILED"
+        try:
+            mlflow_io.wait()  # what was on its way still lands; the trial's own error wins
+        except Exception:
+            log.warning("an MLflow upload of trial %s failed", trial_id, exc_info=True)
+        finish_run(client, run_id, status)
+        for _, folder in final_report:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    except BaseException:
-        finish_run(client, run_id, "FAILED")
-        raise
-    finally:
-        if sys.exc_info()[0] is not None:
-            for _, folder in final_report:
-                shutil.rmtree(folder, ignore_errors=True)
+    # The weights are saved and sent while the final checkpoint is still on its way.
     folder = Path(tempfile.mkdtemp(prefix="fgd-model-"))
     torch.save(result.model_state, folder / "state_dict.pt")
-    uploads.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
-    uploads.cleanup(folder)
-    log_json_artifact(client, run_id, result.detections, "coco/detections_val.json")
-    log_json_artifact(client, run_id, result.metrics, "coco/metrics_val.json")
-    uploads.wait()
+    mlflow_io.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
+    mlflow_io.cleanup(folder)
+    mlflow_io.submit(
+        log_json_artifact, client, run_id, result.detections, "coco/detections_val.json"
+    )
+    mlflow_io.submit(log_json_artifact, client, run_id, result.metrics, "coco/metrics_val.json")
+    try:
+        mlflow_io.wait()
+    except BaseException:
+        finish_run(client, run_id, "FAILED")
+        for _, folder in final_report:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finish_run(client, run_id, "FINISHED")
     for report, folder in final_report:
+        if not tracking.get("final_state_in_tune", True):
+            # The full final state is the run's `checkpoint` artifact now; Tune's last
+            # checkpoint names it instead of holding a second copy.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = _complete_checkpoint(trial_id, run_id, report)
         try:
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    _maybe_inject_fault(FAULT_AT_END)
 
 
-class _Uploads:
-    """MLflow uploads on one background thread, so a trial goes on while its files travel.
+def _complete_checkpoint(trial_id: str, run_id: str, report: dict[str, Any]) -> Path:
+    """A Tune checkpoint of a trial that ran to its end: its final report and where its final
+    state lives in MLflow (``runs:/<run>/checkpoint/state.pt``), no weights."""
+    folder = Path(tempfile.mkdtemp(prefix="fgd-ckpt-"))
+    meta = {
+        "trial_id": trial_id,
+        "mlflow_run_id": run_id,
+        "step": report.get("step"),
+        COMPLETE_KEY: True,
+        "report": report,
+        "final_checkpoint": f"runs:/{run_id}/checkpoint/{STATE_FILE}",
+    }
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
 
-    ``wait`` blocks until every upload is done, removes the folders handed to ``cleanup`` and
-    raises the first upload error.
+
+def _report_again(meta: dict[str, Any], trial_id: str) -> None:
+    """A trial restored from its completion checkpoint (a retry or a restore after its last
+    report) is complete in MLflow: report the same result again instead of training again."""
+    if meta.get("trial_id") != trial_id:
+        raise ValueError(
+            f"trial {trial_id} was handed the completion checkpoint of trial "
+            f"{meta.get('trial_id')}, which holds no training state"
+        )
+    from ray import tune
+
+    folder = _complete_checkpoint(trial_id, meta["mlflow_run_id"], meta["report"])
+    try:
+        tune.report(meta["report"], checkpoint=tune.Checkpoint.from_directory(str(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Background:
+    """Calls to MLflow on background threads, so a trial goes on while its metrics and files
+    travel.
+
+    ``wait`` blocks until every call is done, removes the folders handed to ``cleanup`` and
+    raises the first error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 3) -> None:
+        self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[Any]] = []
         self._folders: list[Path] = []
 
     def submit(self, fn: Any, *args: Any) -> None:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgd-upload")
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fgd-mlflow")
         self._pending.append(self._pool.submit(fn, *args))
 
     def cleanup(self, folder: Path) -> None:
@@ -293,6 +354,7 @@ class _Uploads:
     def wait(self) -> None:
         pending, self._pending = self._pending, []
         try:
+            futures_wait(pending)  # every call ends before its files are removed
             for future in pending:
                 future.result()
         finally:
