@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 META_FILE = "trial.json"
 COMPLETE_KEY = "complete"  # in META_FILE: the trial ran to its end (see _complete_checkpoint)
+# A trial's scratch folders in the temporary directory: <prefix><pid>-<random>, removed when it
+# ends; those of a process that died without cleaning up are removed later (remove_stale_scratch).
+SCRATCH_PREFIXES = ("fgd-ckpt-", "fgd-model-", "fgd-teacher-")
+STALE_AFTER_S = 3600.0
 
 # Fault injection for the fault-tolerance tests: with FGD_FAULT_AT_STEP=N and
 # FGD_FAULT_MARKER=<path>, the first trial to reach step N creates the marker and raises once;
@@ -52,6 +57,45 @@ def _maybe_inject_fault(step: int | str) -> None:
         return
     os.close(fd)
     raise InjectedFault(f"injected fault at step {step}")
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new scratch folder of this process (``prefix`` is one of SCRATCH_PREFIXES)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def remove_stale_scratch(
+    root: Path | None = None, *, older_than: float = STALE_AFTER_S
+) -> list[Path]:
+    """Remove the scratch folders that trial processes killed outright (SIGKILL, the OOM killer)
+    left behind: those whose process is gone and that are older than ``older_than`` seconds.
+    A checkpoint is 100 MB or more; a node would otherwise fill its disk over many sweeps."""
+    root = Path(root) if root is not None else Path(tempfile.gettempdir())
+    now = time.time()
+    removed: list[Path] = []
+    for prefix in SCRATCH_PREFIXES:
+        for path in root.glob(f"{prefix}*"):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or _process_alive(int(pid)):
+                continue
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age >= older_than:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def apply_overrides(job: dict[str, Any], config: dict[str, Any]) -> JobSpec:
@@ -126,8 +170,12 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     A teacher fetched from MLflow lands in a folder of the trial's own, removed when the trial
     ends however it ends (a sweep's trials would otherwise leave a copy each on the node).
     """
+    try:
+        remove_stale_scratch()
+    except OSError:
+        log.warning("could not clear stale scratch folders", exc_info=True)
     # Made only when a teacher is fetched: a trial killed outright leaves no empty folder.
-    downloads = Path(tempfile.gettempdir()) / f"fgd-teacher-{uuid.uuid4().hex}"
+    downloads = Path(tempfile.gettempdir()) / f"fgd-teacher-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         _train_trial(config, job, tracking, downloads)
     finally:
@@ -224,7 +272,7 @@ def _train_trial(
             in_force.update(state["fgd_hparams"])
             hp_now = {f"hp/{k}": v for k, v in in_force.items()}
             mlflow_io.submit(log_metrics, client, run_id, hp_now, step)
-        folder = Path(tempfile.mkdtemp(prefix="fgd-ckpt-"))
+        folder = scratch_folder("fgd-ckpt-")
         save_checkpoint(state, folder / STATE_FILE)
         meta = {"trial_id": trial_id, "mlflow_run_id": run_id, "step": step}
         (folder / META_FILE).write_text(json.dumps(meta))
@@ -267,7 +315,7 @@ def _train_trial(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     # The weights are saved and sent while the final checkpoint is still on its way.
-    folder = Path(tempfile.mkdtemp(prefix="fgd-model-"))
+    folder = scratch_folder("fgd-model-")
     torch.save(result.model_state, folder / "state_dict.pt")
     mlflow_io.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
     mlflow_io.cleanup(folder)
@@ -299,7 +347,7 @@ def _train_trial(
 def _complete_checkpoint(trial_id: str, run_id: str, report: dict[str, Any]) -> Path:
     """A Tune checkpoint of a trial that ran to its end: its final report and where its final
     state lives in MLflow (``runs:/<run>/checkpoint/state.pt``), no weights."""
-    folder = Path(tempfile.mkdtemp(prefix="fgd-ckpt-"))
+    folder = scratch_folder("fgd-ckpt-")
     meta = {
         "trial_id": trial_id,
         "mlflow_run_id": run_id,
