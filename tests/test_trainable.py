@@ -35,17 +35,18 @@ def test_scratch_folders_name_their_process(tmp_path, monkeypatch):
     assert folder.name.startswith(f"fgd-ckpt-{os.getpid()}-")
 
 
-def test_only_old_folders_of_dead_processes_are_removed(tmp_path):
+def test_folders_of_this_process_and_old_ones_of_dead_processes_are_removed(tmp_path):
     dead = _dead_pid()
     stale = [_folder(tmp_path, f"{prefix}{dead}-abc", 2 * 3600) for prefix in SCRATCH_PREFIXES]
     fresh = _folder(tmp_path, f"fgd-ckpt-{dead}-new", 60)  # its process may still be uploading
-    alive = _folder(tmp_path, f"fgd-ckpt-{os.getpid()}-old", 2 * 3600)
+    alive = _folder(tmp_path, f"fgd-ckpt-{os.getppid()}-old", 2 * 3600)
+    own = _folder(tmp_path, f"fgd-teacher-{os.getpid()}-abc", 1)  # an earlier trial's, here
     foreign = _folder(tmp_path, "fgd-ckpt-notapid", 2 * 3600)
     other = _folder(tmp_path, f"something-{dead}-abc", 2 * 3600)
 
     removed = remove_stale_scratch(tmp_path)
 
-    assert sorted(removed) == sorted(stale)
-    assert not any(p.exists() for p in stale)
+    assert sorted(removed) == sorted([*stale, own])
+    assert not any(p.exists() for p in (*stale, own))
     assert all(p.exists() for p in (fresh, alive, foreign, other))
     assert remove_stale_scratch(tmp_path, older_than=0) == [fresh]

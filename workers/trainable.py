@@ -67,16 +67,24 @@ def scratch_folder(prefix: str) -> Path:
 def remove_stale_scratch(
     root: Path | None = None, *, older_than: float = STALE_AFTER_S
 ) -> list[Path]:
-    """Remove the scratch folders that trial processes killed outright (SIGKILL, the OOM killer)
-    left behind: those whose process is gone and that are older than ``older_than`` seconds.
-    A checkpoint is 100 MB or more; a node would otherwise fill its disk over many sweeps."""
+    """Remove the scratch folders that earlier trials left behind: those of this process (a
+    trial process runs one trial at a time, so they belong to trials that are over: Tune stops
+    a trial early by abandoning its thread, which never cleans up), and those whose process is
+    gone (SIGKILL, the OOM killer) once they are older than ``older_than`` seconds. A checkpoint
+    or a teacher is 80 MB or more; a node would otherwise fill its disk over many sweeps."""
     root = Path(root) if root is not None else Path(tempfile.gettempdir())
     now = time.time()
     removed: list[Path] = []
     for prefix in SCRATCH_PREFIXES:
         for path in root.glob(f"{prefix}*"):
             pid = path.name[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or _process_alive(int(pid)):
+            if not pid.isdigit():
+                continue
+            if int(pid) == os.getpid():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                continue
+            if _process_alive(int(pid)):
                 continue
             try:
                 age = now - path.stat().st_mtime
