@@ -143,7 +143,9 @@ def test_trial_stopped_by_asha_at_its_last_report_is_finished(env, local_ray, tm
         assert row.metrics.get("bbox_AP") is not None
 
 
-def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path, monkeypatch):
+def _sweep_with_fault(env, tmp_path, at: str, name: str):
+    """A one-trial sweep (one retry allowed) whose trial raises once at step ``at``; returns
+    the result and the marker the fault left."""
     import ray
     from sweep_helpers import tiny_job
 
@@ -155,16 +157,21 @@ def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path, monk
         object_store_memory=150 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"FGD_FAULT_AT_STEP": "3", "FGD_FAULT_MARKER": str(marker)}},
+        runtime_env={"env_vars": {"FGD_FAULT_AT_STEP": at, "FGD_FAULT_MARKER": str(marker)}},
     )
     try:
         sweep = {"num_samples": 1, "max_failures": 1}
         spec = JobSpec.model_validate(tiny_job(env["data"], None, sweep=sweep))
         result = run_sweep(
-            spec, name="retry", tracking_uri=env["uri"], storage_path=str(tmp_path / "tune")
+            spec, name=name, tracking_uri=env["uri"], storage_path=str(tmp_path / "tune")
         )
     finally:
         ray.shutdown()
+    return result, marker
+
+
+def test_failed_trial_retries_from_its_checkpoint_in_one_run(env, tmp_path):
+    result, marker = _sweep_with_fault(env, tmp_path, "3", "retry")
     assert marker.exists()  # the fault fired
     (row,) = result.rows
     assert row.status == "TERMINATED" and row.metrics["step"] == 6
@@ -181,28 +188,8 @@ def test_trial_failing_after_its_last_report_is_not_trained_again(env, tmp_path)
     where its final state lives in MLflow; a retry from it reports again without training."""
     import json
 
-    import ray
-    from sweep_helpers import tiny_job
-
-    from workers.sweep import run_sweep
-
-    marker = tmp_path / "fault-fired"
-    ray.init(
-        num_cpus=2,
-        object_store_memory=150 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"FGD_FAULT_AT_STEP": "end", "FGD_FAULT_MARKER": str(marker)}},
-    )
-    try:
-        sweep = {"num_samples": 1, "max_failures": 1}
-        spec = JobSpec.model_validate(tiny_job(env["data"], None, sweep=sweep))
-        storage = tmp_path / "tune"
-        result = run_sweep(
-            spec, name="complete", tracking_uri=env["uri"], storage_path=str(storage)
-        )
-    finally:
-        ray.shutdown()
+    result, marker = _sweep_with_fault(env, tmp_path, "end", "complete")
+    storage = tmp_path / "tune"
     assert marker.exists()  # the trial failed after its last report
     (row,) = result.rows
     assert row.status == "TERMINATED" and row.metrics["step"] == 6

@@ -59,9 +59,12 @@ def _maybe_inject_fault(step: int | str) -> None:
     raise InjectedFault(f"injected fault at step {step}")
 
 
-def scratch_folder(prefix: str) -> Path:
-    """A new scratch folder of this process (``prefix`` is one of SCRATCH_PREFIXES)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+def scratch_folder(prefix: str, *, create: bool = True) -> Path:
+    """A new scratch folder of this process (``prefix`` is one of SCRATCH_PREFIXES); with
+    ``create=False`` only its unused path, for a folder made later if at all."""
+    if create:
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    return Path(tempfile.gettempdir()) / f"{prefix}{os.getpid()}-{uuid.uuid4().hex}"
 
 
 def remove_stale_scratch(
@@ -183,7 +186,7 @@ def fgd_trainable(config: dict[str, Any], *, job: dict[str, Any], tracking: dict
     except OSError:
         log.warning("could not clear stale scratch folders", exc_info=True)
     # Made only when a teacher is fetched: a trial killed outright leaves no empty folder.
-    downloads = Path(tempfile.gettempdir()) / f"fgd-teacher-{os.getpid()}-{uuid.uuid4().hex}"
+    downloads = scratch_folder("fgd-teacher-", create=False)
     try:
         _train_trial(config, job, tracking, downloads)
     finally:
@@ -311,6 +314,16 @@ def _train_trial(
     )
     try:
         result = run_job(job_cfg, callbacks=callbacks, resume=resume)
+        # The weights are saved and sent while the final checkpoint is still on its way.
+        folder = scratch_folder("fgd-model-")
+        mlflow_io.cleanup(folder)
+        torch.save(result.model_state, folder / "state_dict.pt")
+        mlflow_io.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
+        mlflow_io.submit(
+            log_json_artifact, client, run_id, result.detections, "coco/detections_val.json"
+        )
+        mlflow_io.submit(log_json_artifact, client, run_id, result.metrics, "coco/metrics_val.json")
+        mlflow_io.wait()
     except BaseException as exc:
         # Tune stops a trial (ASHA, a time budget) by exiting its thread at the next report.
         status = "KILLED" if isinstance(exc, SystemExit) else "FAILED"
@@ -319,22 +332,6 @@ def _train_trial(
         except Exception:
             log.warning("an MLflow upload of trial %s failed", trial_id, exc_info=True)
         finish_run(client, run_id, status)
-        for _, folder in final_report:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    # The weights are saved and sent while the final checkpoint is still on its way.
-    folder = scratch_folder("fgd-model-")
-    torch.save(result.model_state, folder / "state_dict.pt")
-    mlflow_io.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
-    mlflow_io.cleanup(folder)
-    mlflow_io.submit(
-        log_json_artifact, client, run_id, result.detections, "coco/detections_val.json"
-    )
-    mlflow_io.submit(log_json_artifact, client, run_id, result.metrics, "coco/metrics_val.json")
-    try:
-        mlflow_io.wait()
-    except BaseException:
-        finish_run(client, run_id, "FAILED")
         for _, folder in final_report:
             shutil.rmtree(folder, ignore_errors=True)
         raise
