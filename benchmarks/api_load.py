@@ -15,8 +15,11 @@ spreads clients and jobs over more tenants): its listing counts and pages over a
 
 Dispatch runs during the load: the app's dispatch loop submits the queued jobs as Ray Jobs to a
 local Ray head started here (``FGD_DISPATCH_NOOP``: each runs ``workers.entrypoint --noop`` and
-exits at once). The head stands in for a remote cluster, so it runs at nice 19: its processes
-take only CPU the API and the database leave over. ``--dispatch none`` runs without it.
+exits at once). The head stands in for a remote cluster: it and every process it starts run
+under SCHED_IDLE (nice 19 is not enough: each Ray job starts new Python processes, whose kernel
+work is not preempted) on the machine's last CPU only, with its session directory in
+/dev/shm. Even so, on a 2-CPU machine the cluster's processes delay the API's (see
+docs/api_load.md). ``--dispatch none`` runs without it.
 
 The machine may be shared: ``--repeat N`` measures N rounds on the same server and reports
 each figure's median, and the JSON records the CPU the server, PostgreSQL, the load generator
@@ -139,7 +142,7 @@ def run_local(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     """Start the Ray head (unless ``--dispatch none``), then per worker count: a fresh database,
     the seeded store, the server, the load."""
     runs: dict[str, Any] = {}
-    ray = RayHead(home) if args.dispatch == "ray" else None
+    ray = RayHead(home, idle=True, temp_root="/dev/shm") if args.dispatch == "ray" else None
     try:
         if ray is not None:
             print("starting a Ray head at nice 19 ...", flush=True)

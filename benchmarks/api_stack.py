@@ -217,13 +217,20 @@ def remove_tenants(database_url: str, ids: list[int]) -> None:
 
 @dataclass
 class RayHead:
-    """``ray start --head --block`` (then at nice 19), its own ports and temp dir."""
+    """``ray start --head --block`` (then at nice 19), its own ports and temp dir.
+
+    ``idle``: the head's processes (and all they start) run under SCHED_IDLE on the machine's
+    last CPU, as a remote cluster would take nothing from the API's CPUs; ``temp_root`` holds
+    its session directory.
+    """
 
     home: Path
     proc: subprocess.Popen[bytes] | None = None
     dashboard: str = ""
     temp_dir: str = ""
     token: str = field(default_factory=lambda: secrets.token_hex(32))
+    idle: bool = False  # SCHED_IDLE instead of nice 19 alone
+    temp_root: str = "/tmp"
 
     def env(self) -> dict[str, str]:
         """What a client of this head needs (Ray requires a token for its dashboard)."""
@@ -234,7 +241,9 @@ class RayHead:
         }
 
     def start(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="fgdbench-", dir="/tmp")  # short socket paths
+        self.temp_dir = tempfile.mkdtemp(
+            prefix="fgdbench-", dir=self.temp_root
+        )  # short socket paths
         dash = _free_port()
         self.dashboard = f"http://127.0.0.1:{dash}"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -272,6 +281,10 @@ class RayHead:
         for pid in _tree(self.proc.pid):
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, pid, 19)
+            if self.idle:
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+                    os.sched_setaffinity(pid, {max(os.sched_getaffinity(0))})
 
     def _answers(self) -> bool:
         assert self.proc is not None

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.models import Token, utcnow
+
+if TYPE_CHECKING:
+    from service.db import Store
 
 TOKEN_PREFIX = "fgd_"
 
@@ -57,3 +62,37 @@ def revoke_token(session: Session, token_id: int) -> bool:
     row.revoked_at = utcnow()
     session.commit()
     return True
+
+
+class TokenCache:
+    """The tokens this process verified in the last ``ttl`` seconds, by hash.
+
+    Every request but health names its token: without a cache, each one would start with a
+    look-up of its own in the store (a connection, a round trip, a thread hop). A token
+    revoked in the store is refused by every API process within ``ttl`` seconds; ``ttl`` 0
+    looks every token up every time. Unknown or revoked tokens are never cached.
+    """
+
+    MAX_ENTRIES = 10_000  # past this many live tokens, the cache starts over
+
+    def __init__(self, store: Store, ttl: float) -> None:
+        self.store, self.ttl = store, ttl
+        self._entries: dict[str, tuple[float, Token]] = {}
+
+    def cached(self, plain: str) -> Token | None:
+        """The token, if verified less than ``ttl`` seconds ago (no I/O: safe on the loop)."""
+        entry = self._entries.get(hash_token(plain))
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def verify(self, plain: str) -> Token | None:
+        """Look the token up in the store (blocking), and remember it while it is live."""
+        with self.store.session() as session:
+            row = verify_token(session, plain)
+            session.commit()  # the row stays loaded, detached from the closed session
+        if row is not None and self.ttl > 0:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries = {}
+            self._entries[row.token_hash] = (time.monotonic() + self.ttl, row)
+        return row

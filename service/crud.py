@@ -11,16 +11,40 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 from typing import cast as cast_type
 
-from sqlalchemy import Select, Table, Text, bindparam, cast, func, insert, select, update
+from sqlalchemy import (
+    DateTime,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    func,
+    select,
+    text,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service.models import ACTIVE_STATES, FINAL_STATES, Job, JobLog, JobState, Token, utcnow
+from service.models import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    QUOTA_EXCEEDED,
+    QUOTA_NEEDS_EVERY_SLOT,
+    QUOTA_SLOTS,
+    Job,
+    JobCount,
+    JobLog,
+    JobState,
+    Token,
+    utcnow,
+)
 from service.schemas import JobCreate, canonical_hash
 
 S = JobState
@@ -68,19 +92,16 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
 
     With an idempotency key already used by ``owner``: the same body returns the stored job
     (``created`` False), another body raises ``IdempotencyConflict``. Concurrent requests with
-    one key make one job: the owner's token row is locked (PostgreSQL; SQLite serializes
-    writers), and the unique constraint backs that up.
+    one key make one job (the unique key's ``ON CONFLICT DO NOTHING``).
 
-    The API's busiest write, kept lean: statements built once, the new row inserted with one
-    Core ``INSERT`` (no unit of work for one row) and returned as a transient ``Job`` holding
-    what was stored.
+    The API's busiest write, kept lean: one ``INSERT`` statement, committed on its own, does
+    it all. The database's trigger counts the job and checks the owner's quota in that same
+    statement (migration 0003), so no lock outlives it; the new row is returned as a
+    transient ``Job`` holding what was stored.
 
     Raises:
         QuotaExceeded: the owner already has ``quota`` unfinished jobs.
     """
-    # Everything the insert needs is computed before the owner's lock is taken: the lock is
-    # held only across round trips to the database, never while this thread waits for the GIL
-    # to run Python (which, under load, is what made submissions queue behind each other).
     request_hash = job_in.request_hash()
     key = job_in.idempotency_key
     spec = job_in.spec.to_dict()
@@ -109,45 +130,75 @@ def create_job(*, session: Session, owner: Token, job_in: JobCreate) -> tuple[Jo
         "mlflow_run_id": None,
         "failures": [],
     }
-    # Serialize this owner's submissions: quota counts and key lookups see each other.
-    locked = lock_row(session, Token, owner.id, returning="quota")
-    # The unfinished jobs and the job with this key, if any, in one round trip.
-    active, existing_id = session.execute(_ACTIVE_AND_KEY, {"owner_id": owner.id, "key": key}).one()
-    if existing_id is not None:
-        existing = session.get_one(Job, existing_id)
-        session.commit()  # release the lock; nothing was written
-        return _replay(existing, request_hash), False
-    if active >= locked:
-        session.rollback()
-        raise QuotaExceeded(owner, active)
-    try:
-        session.execute(_INSERT_JOB, values)
+    dialect = session.get_bind().dialect.name
+    # An owner whose quota is small is always near it: its submissions take every slot at once
+    # instead of trying one first (the quota's slots: migration 0003). SQLite always counts
+    # exactly: one writer at a time.
+    exclusive = dialect == "postgresql" and owner.quota < 4 * QUOTA_SLOTS
+    new_id = None
+    for every_slot in (True,) if exclusive else (False, True):
+        try:
+            new_id = _insert_job(session, dialect, values, every_slot=every_slot)
+            break
+        except IntegrityError as exc:
+            session.rollback()
+            message = str(exc.orig)
+            if QUOTA_NEEDS_EVERY_SLOT in message and not every_slot:
+                continue  # near the quota: count exactly
+            if QUOTA_EXCEEDED not in message:
+                raise
+            active = count_active_jobs(session=session, owner_id=owner.id)
+            session.commit()
+            raise QuotaExceeded(owner, active) from None
+    if new_id is None:  # the key is taken: this body again, or another one
+        existing = _by_key(session, owner.id, key)
         session.commit()
-    except IntegrityError:
-        session.rollback()
-        if key is None:
-            raise
-        raced = _by_key(session, owner.id, key)
-        if raced is None:
-            raise
-        return _replay(raced, request_hash), False
+        if existing is None:  # cannot happen: a job keeps its key
+            raise RuntimeError(f"idempotency key {key!r} is taken, but by no job")
+        return _replay(existing, request_hash), False
     job = Job(**values)
     set_committed_value(job, "owner", owner)  # known: the response needs no look-up
     return job, True
 
 
-def _active_query(owner_id: Any) -> Select[int]:
-    return select(func.count()).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
+def _insert_job(
+    session: Session, dialect: str, values: dict[str, Any], *, every_slot: bool
+) -> str | None:
+    """Insert the job (committed); its id, or None when its idempotency key was taken.
+
+    Raises:
+        IntegrityError: the insert trigger's ``QUOTA_EXCEEDED`` or ``QUOTA_NEEDS_EVERY_SLOT``.
+    """
+    if every_slot:  # a transaction: the setting lasts until its commit
+        session.execute(_EVERY_SLOT)
+        new_id = session.execute(_submission(dialect), values).scalar()
+    else:  # one statement on a connection of its own, no transaction round trips around it
+        new_id = _connection(session).execute(_submission(dialect), values).scalar()
+    session.commit()
+    return new_id
 
 
-# The submission's statements, built once (building one costs about what running it does).
-_ACTIVE_AND_KEY = select(
-    _active_query(bindparam("owner_id")).scalar_subquery(),
-    select(Job.id)
-    .where(Job.owner_id == bindparam("owner_id"), Job.idempotency_key == bindparam("key"))
-    .scalar_subquery(),
-)
-_INSERT_JOB = insert(_JOBS)
+_EVERY_SLOT = text("SELECT set_config('fgd.quota_exclusive', 'on', true)")
+
+
+def _connection(session: Session) -> Any:
+    """The session's connection for single statements: in autocommit (each statement commits
+    itself: no BEGIN and COMMIT round trips) unless the session has a transaction open."""
+    if session.in_transaction():
+        return session.connection()
+    return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
+@functools.cache
+def _submission(dialect: str) -> Any:
+    """``INSERT`` a job unless its owner already used its idempotency key (then nothing is
+    inserted and nothing returned); the insert's trigger enforces the quota (0003_job_counts).
+    Built once per dialect: building a statement costs about what running it does."""
+    module: Any = sqlite if dialect == "sqlite" else postgresql
+    stmt = module.insert(_JOBS).on_conflict_do_nothing(
+        index_elements=[_JOBS.c.owner_id, _JOBS.c.idempotency_key]
+    )
+    return stmt.returning(_JOBS.c.id)
 
 
 def _by_key(session: Session, owner_id: int, key: str) -> Job | None:
@@ -162,7 +213,14 @@ def _replay(existing: Job, request_hash: str) -> Job:
 
 def count_active_jobs(*, session: Session, owner_id: int) -> int:
     """The owner's unfinished jobs (what the quota limits)."""
-    return int(session.scalar(_active_query(owner_id)) or 0)
+    return int(session.scalar(_ACTIVE_COUNT, {"owner_id": owner_id}) or 0)
+
+
+_COUNTS = cast_type(Table, JobCount.__table__)
+_ACTIVE_COUNT = select(func.coalesce(func.sum(_COUNTS.c.n), 0)).where(
+    _COUNTS.c.owner_id == bindparam("owner_id"),
+    _COUNTS.c.state.in_(sorted(state.value for state in ACTIVE_STATES)),
+)
 
 
 def get_job(*, session: Session, job_id: str, viewer: Token) -> Job | None:
@@ -173,33 +231,7 @@ def get_job(*, session: Session, job_id: str, viewer: Token) -> Job | None:
     return job
 
 
-# What a page of jobs reads: JobPublic's fields, the JSON columns as their stored text.
-_LISTING = (
-    *(
-        _JOBS.c[name]
-        for name in (
-            "id",
-            "name",
-            "priority",
-            "idempotency_key",
-            "state",
-            "attempt",
-            "max_attempts",
-            "submission_id",
-            "created_at",
-            "started_at",
-            "finished_at",
-            "error",
-            "mlflow_experiment_id",
-            "mlflow_run_id",
-            "spec_hash",
-        )
-    ),
-    _TOKENS.c.name.label("owner"),
-    cast(_JOBS.c.progress, Text).label("progress"),
-    cast(_JOBS.c.failures, Text).label("failures"),
-    cast(_JOBS.c.spec, Text).label("spec"),
-)
+JobVersion = tuple[str, Any]  # (id, updated_at): a job's row as it was at that moment
 
 
 def list_jobs(
@@ -209,42 +241,106 @@ def list_jobs(
     state: JobState | None = None,
     limit: int = 100,
     offset: int = 0,
-) -> tuple[list[dict[str, Any]], int]:
-    """One page of the jobs ``viewer`` may see, newest first, and the total count.
+    known: Container[JobVersion] = (),
+) -> tuple[list[JobVersion], dict[str, dict[str, Any]], int]:
+    """One page of the jobs ``viewer`` may see, newest first: ``(page, rows, count)``.
 
-    Plain rows (dicts), not ORM objects: a page is read to be shown, and parsing every stored
-    spec only to serialize it again was most of a page's cost. Each row has ``JobPublic``'s
-    fields (``owner`` is the owner's name), with ``progress``, ``failures`` and ``spec`` as
-    their stored JSON text (``progress`` may be ``"null"``); ``service.api.views.jobs_page_json``
-    renders them.
+    ``page`` lists the page's jobs as ``(id, updated_at)``: every change of a job moves its
+    ``updated_at``, so the pair names one version of its row. ``rows`` holds the rows of the
+    versions not in ``known`` (what the caller has not rendered already), by id: plain dicts,
+    not ORM objects, with ``JobPublic``'s fields (``owner`` is the owner's name) and
+    ``progress``, ``failures`` and ``spec`` as their stored JSON text (``progress`` may be
+    ``"null"``), for ``service.api.views.JobsRenderer``. A job changed between the two reads
+    comes in ``rows`` as it is now, under its new ``updated_at``. ``count`` is the sum of the
+    ``job_counts`` rows the filter selects (read with the page, in one snapshot).
     """
-    count_stmt, page_stmt = _listing_statements(not viewer.admin, state is not None)
+    dialect = session.get_bind().dialect.name
+    count_stmt, page_stmt = _listing_statements(dialect, not viewer.admin, state is not None)
     params = {"owner_id": viewer.id, "state": state, "limit": limit, "offset": offset}
-    count = session.scalar(count_stmt, params) or 0
-    page = session.execute(page_stmt, params)
-    keys = list(page.keys())
-    return [dict(zip(keys, row, strict=True)) for row in page], int(count)
+    connection = _connection(session)
+    found = connection.execute(page_stmt, params).all()
+    if not found:
+        return [], {}, int(connection.execute(count_stmt, params).scalar_one())
+    page = [(job_id, version) for _, job_id, version in found]
+    missing = [job_id for job_id, version in page if (job_id, version) not in known]
+    rows: dict[str, dict[str, Any]] = {}
+    if missing:
+        result = connection.execute(_rows_statement(dialect), {"ids": missing})
+        keys = list(result.keys())
+        for values in result.all():
+            row = dict(zip(keys, values, strict=True))
+            rows[row["id"]] = row
+    return page, rows, int(found[0][0])
+
+
+# What a listed job's row holds: JobPublic's fields, the JSON columns as their stored text.
+_LISTED = (
+    "id",
+    "name",
+    "priority",
+    "idempotency_key",
+    "state",
+    "attempt",
+    "max_attempts",
+    "submission_id",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "mlflow_experiment_id",
+    "mlflow_run_id",
+    "spec_hash",
+)
+_TIMESTAMPS = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
+
+
+def _column(dialect: str, name: str) -> Any:
+    """A job's column as a page reads it. On PostgreSQL timestamps are read as they come
+    (sessions are in UTC, see service.db), without ``UTCDateTime``'s conversion of each."""
+    if dialect == "postgresql" and name in _TIMESTAMPS:
+        return type_coerce(_JOBS.c[name], DateTime(timezone=True)).label(name)
+    return _JOBS.c[name]
 
 
 @functools.cache
-def _listing_statements(by_owner: bool, by_state: bool) -> tuple[Any, Any]:
-    """The count and page statements of a listing (built once per kind of filter)."""
-    jobs = _JOBS.c
-    where = []
+def _listing_statements(dialect: str, by_owner: bool, by_state: bool) -> tuple[Any, Any]:
+    """The count and page statements of a listing (built once per kind of filter). The page
+    reads ``(count, id, updated_at)`` of each job on it; the count comes from ``job_counts``,
+    in the same statement: one round trip, one snapshot."""
+    jobs, counts = _JOBS.c, _COUNTS.c
+    where, counted = [], []
     if by_owner:
         where.append(jobs.owner_id == bindparam("owner_id"))
+        counted.append(counts.owner_id == bindparam("owner_id"))
     if by_state:
         where.append(jobs.state == bindparam("state"))
-    count = select(func.count()).select_from(_JOBS).where(*where)
+        counted.append(counts.state == bindparam("state"))
+    count = select(func.coalesce(func.sum(counts.n), 0)).where(*counted)
     page = (
-        select(*_LISTING)
-        .select_from(_JOBS.join(_TOKENS, _TOKENS.c.id == jobs.owner_id))
+        select(count.scalar_subquery().label("total"), jobs.id, _column(dialect, "updated_at"))
         .where(*where)
         .order_by(jobs.created_at.desc(), jobs.id.desc())
         .limit(bindparam("limit"))
         .offset(bindparam("offset"))
     )
     return count, page
+
+
+@functools.cache
+def _rows_statement(dialect: str) -> Any:
+    """The listed rows of the jobs ``ids`` (an expanding parameter)."""
+    return (
+        select(
+            *(_column(dialect, name) for name in _LISTED),
+            _TOKENS.c.name.label("owner"),
+            cast(_JOBS.c.progress, Text).label("progress"),
+            cast(_JOBS.c.failures, Text).label("failures"),
+            cast(_JOBS.c.spec, Text).label("spec"),
+        )
+        .select_from(_JOBS.join(_TOKENS, _TOKENS.c.id == _JOBS.c.owner_id))
+        .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    )
 
 
 def request_cancel(*, session: Session, job: Job) -> Job:

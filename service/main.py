@@ -15,6 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api import errors
 from service.api.main import api_router
+from service.api.views import JobsRenderer
+from service.auth import TokenCache
 from service.core.config import Settings, get_settings
 from service.db import Store
 from service.dispatch import Dispatcher, InProcessDispatcher
@@ -107,6 +109,8 @@ def create_app(
     app.state.store = store
     app.state.dispatcher = dispatcher
     app.state.results = results
+    app.state.tokens = TokenCache(store, settings.TOKEN_CACHE_SECONDS)
+    app.state.jobs_renderer = JobsRenderer(results)
     errors.install(app, max_body_bytes=settings.MAX_BODY_BYTES)
     app.include_router(api_router)
     return app

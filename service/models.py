@@ -128,6 +128,32 @@ class Job(Base):
 Index("ix_jobs_queue", Job.state, Job.priority.desc(), Job.created_at, Job.id)
 
 
+class JobCount(Base):
+    """How many jobs each owner has in each state, the sum of ``QUOTA_SLOTS`` shards: kept by
+    the database itself, by triggers on ``jobs`` (migration 0003), whatever writes the jobs.
+
+    A page of jobs reads its total here instead of counting thousands of rows, and a
+    submission checks its owner's quota here, in the same statement that inserts it: the
+    insert trigger raises ``QUOTA_EXCEEDED`` when the owner's unfinished jobs would exceed the
+    token's quota (and, on PostgreSQL, ``QUOTA_NEEDS_EVERY_SLOT`` near it: submit again with
+    ``fgd.quota_exclusive`` set; see the migration).
+    """
+
+    __tablename__ = "job_counts"
+
+    owner_id: Mapped[int] = mapped_column(
+        ForeignKey("tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+QUOTA_SLOTS = 16  # submissions of one owner in flight at once without waiting (PostgreSQL)
+QUOTA_EXCEEDED = "fgd: quota exceeded"  # the insert trigger's errors
+QUOTA_NEEDS_EVERY_SLOT = "fgd: quota needs every slot"
+
+
 class JobLog(Base):
     """A chunk of a job's log, copied out of Ray; ``id`` orders chunks across attempts."""
 

@@ -1,11 +1,15 @@
 """Checks on a JobSpec beyond its own validators: data paths must lie under the data roots.
 
 Paths are compared after resolving ``..`` and symlinks that exist on this host; they need not
-exist here (they are read by the Ray workers).
+exist here (they are read by the Ray workers). Resolving costs a system call per component of
+the path, and every submission names several paths, mostly the same few: each resolution is
+remembered for ``RESOLVED_SECONDS``, so a symlink changed on this host counts within a minute.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,8 +69,25 @@ def _paths(spec: JobSpec) -> Iterator[tuple[tuple[str | int, ...], str]]:
 
 
 def _allowed(value: str, roots: Sequence[Path]) -> bool:
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        return False
-    resolved = path.resolve(strict=False)
-    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+    resolved = _resolve(value)
+    return resolved is not None and any(
+        resolved == str(root) or resolved.startswith(os.path.join(root, "")) for root in roots
+    )
+
+
+RESOLVED_SECONDS = 60.0
+_RESOLVED: dict[str, tuple[float, str | None]] = {}  # path as sent -> (until, resolved)
+
+
+def _resolve(value: str) -> str | None:
+    """``value`` with ``~``, ``..`` and symlinks resolved; None when it is not absolute."""
+    now = time.monotonic()
+    hit = _RESOLVED.get(value)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    path = os.path.expanduser(value)
+    resolved = os.path.realpath(path) if os.path.isabs(path) else None
+    if len(_RESOLVED) >= 4096:
+        _RESOLVED.clear()
+    _RESOLVED[value] = (now + RESOLVED_SECONDS, resolved)
+    return resolved

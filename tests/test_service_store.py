@@ -41,7 +41,7 @@ def test_migrations_match_the_models(store: Store) -> None:
     with store.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
-        assert ctx.get_current_revision() == "0002_queue_index"
+        assert ctx.get_current_revision() == "0003_job_counts"
 
 
 def test_queue_order_priority_then_age(store: Store) -> None:

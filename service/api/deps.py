@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import crud
-from service.auth import verify_token
+from service.auth import TokenCache
 from service.core.config import Settings
 from service.db import Store
 from service.dispatch import Dispatcher
@@ -77,19 +77,25 @@ DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 ResultsDep = Annotated[ResultsReader, Depends(get_results)]
 
 
-def get_current_token(
-    session: SessionDep,
+async def get_current_token(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Token:
-    """The caller's token; 401 with ``WWW-Authenticate: Bearer`` when missing or unknown."""
+    """The caller's token; 401 with ``WWW-Authenticate: Bearer`` when missing or unknown.
+
+    A token seen in the last few seconds comes from the process's cache (``TokenCache``)
+    without leaving the event loop; any other is looked up in the store on a worker thread.
+    """
     if credentials is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="missing bearer token: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    token = verify_token(session, credentials.credentials)
-    _release(session)
+    tokens: TokenCache = request.app.state.tokens
+    token = tokens.cached(credentials.credentials)
+    if token is None:
+        token = await run_in_threadpool(tokens.verify, credentials.credentials)
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     RAY_PYTHON: str = "python"
     DISPATCH_NOOP: bool = False
     THREADS: int = Field(default=8, ge=1)
+    TOKEN_CACHE_SECONDS: float = Field(default=2.0, ge=0)  # how long a revoked token still works
     UNFIT_JOBS: Literal["fail", "wait"] = "fail"
     MLFLOW_TRACKING_URI: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
