@@ -241,9 +241,8 @@ class RayHead:
         }
 
     def start(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(
-            prefix="fgdbench-", dir=self.temp_root
-        )  # short socket paths
+        # Short socket paths: Ray's session directory holds its sockets.
+        self.temp_dir = tempfile.mkdtemp(prefix="fgdbench-", dir=self.temp_root)
         dash = _free_port()
         self.dashboard = f"http://127.0.0.1:{dash}"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

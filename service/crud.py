@@ -511,31 +511,23 @@ def read_logs(
     return list(session.scalars(query).all())
 
 
-def lock_row(
-    session: Session, model: type[Token] | type[Job], row_id: object, *, returning: str = ""
-) -> Any:
+def lock_row(session: Session, model: type[Token] | type[Job], row_id: object) -> None:
     """Lock ``row_id`` for the rest of the transaction with a no-op UPDATE (see service.db).
 
     On SQLite the session's current transaction is ended first, so the write lock is the first
     thing the new transaction takes; on PostgreSQL (READ COMMITTED: each statement sees what was
     committed before it) the lock joins the current transaction, one round trip less.
-
-    Args:
-        returning: the name of a column of the row to read in the same statement; its value
-            is returned (else None).
     """
     if session.get_bind().dialect.name == "sqlite":
         session.commit()
-    result = session.execute(_lock_statement(model, returning), {"row_id": row_id})
-    return result.scalar_one() if returning else None
+    session.execute(_lock_statement(model), {"row_id": row_id})
 
 
 @functools.cache
-def _lock_statement(model: type[Token] | type[Job], returning: str) -> Any:
+def _lock_statement(model: type[Token] | type[Job]) -> Any:
     """The lock's Core UPDATE, built once per table (``onupdate`` columns still apply)."""
     table = cast_type(Table, model.__table__)
-    stmt = update(table).where(table.c.id == bindparam("row_id")).values(id=table.c.id)
-    return stmt.returning(table.c[returning]) if returning else stmt
+    return update(table).where(table.c.id == bindparam("row_id")).values(id=table.c.id)
 
 
 def _move(job: Job, to: JobState, *, reason: str | None = None) -> None:

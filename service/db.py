@@ -2,10 +2,12 @@
 
 SQLite (the embedded default) runs in WAL mode with pysqlite's own transaction handling: a
 SELECT holds no lock, a transaction begins at the first write. Writers that must not race
-(quota count + insert, cancel) start with a no-op ``UPDATE`` of the row they guard
+(a cancel, failing a queued job) start with a no-op ``UPDATE`` of the row they guard
 (``service.crud.lock_row``): on SQLite that takes the database write lock before anything is
 read (waiting up to busy_timeout, never failing on a stale snapshot); on PostgreSQL (READ
-COMMITTED) it locks that row. The same code serializes on both.
+COMMITTED) it locks that row. The same code serializes on both. A submission needs no such
+lock: its one ``INSERT`` counts the job and checks the quota in the database's own trigger
+(migration 0003).
 """
 
 from __future__ import annotations

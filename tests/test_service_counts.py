@@ -3,14 +3,12 @@ the hot routes (tokens, resolved data paths), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
-from test_service_support import job_body
+from test_service_support import job_body, make_owner, submit_at_once
 
 from service import crud, validation
 from service.auth import TokenCache, create_token, revoke_token
@@ -19,11 +17,6 @@ from service.models import QUOTA_SLOTS, Job, JobCount, JobState, Token
 from service.schemas import JobCreate
 
 pytest_plugins = ["test_service_support"]  # the store / api fixtures
-
-
-def _owner(store: Store, name: str = "alice", quota: int = 50) -> Token:
-    with store.session() as session:
-        return create_token(session, name, quota=quota)[1]
 
 
 def _submit(store: Store, owner: Token, **body: object) -> tuple[Job, bool]:
@@ -51,7 +44,7 @@ def _actual(store: Store) -> dict[tuple[int, str], int]:
 
 
 def test_counts_follow_every_insert_move_and_delete(store: Store) -> None:
-    alice, bob = _owner(store), _owner(store, "bob")
+    alice, bob = make_owner(store), make_owner(store, "bob")
     ids = [_submit(store, alice, name=f"a{i}")[0].id for i in range(5)]
     _submit(store, bob, name="b")
     with store.session() as session:
@@ -85,7 +78,7 @@ def test_counts_follow_every_insert_move_and_delete(store: Store) -> None:
 
 
 def test_a_replay_at_the_quota_returns_its_job(store: Store) -> None:
-    owner = _owner(store, quota=1)
+    owner = make_owner(store, quota=1)
     first, created = _submit(store, owner, idempotency_key="k")
     again, created_again = _submit(store, owner, idempotency_key="k")
     assert created and not created_again and again.id == first.id
@@ -98,23 +91,12 @@ def test_concurrent_creates_stop_at_a_large_quota(store: Store) -> None:
     """A quota large enough that submissions first try one slot each (PostgreSQL): near the
     quota they count again holding every slot, and exactly the quota gets in."""
     quota = 4 * QUOTA_SLOTS + 6
-    owner = _owner(store, quota=quota)
+    owner = make_owner(store, quota=quota)
     with store.session() as session:  # quota - 6 unfinished jobs already
         job_in = JobCreate.model_validate(job_body())
         for _ in range(quota - 6):
             crud.create_job(session=session, owner=owner, job_in=job_in)
-    barrier = threading.Barrier(16)
-
-    def create(i: int) -> str:
-        barrier.wait()
-        try:
-            _submit(store, owner, name=f"j{i}")
-            return "ok"
-        except crud.QuotaExceeded:
-            return "quota"
-
-    with ThreadPoolExecutor(16) as pool:
-        outcomes = list(pool.map(create, range(16)))
+    outcomes = submit_at_once(store, owner, 16)
     assert outcomes.count("ok") == 6 and outcomes.count("quota") == 10
     assert _counted(store) == _actual(store) == {(owner.id, "QUEUED"): quota}
 

@@ -10,7 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
-from test_service_support import job_body
+from test_service_support import job_body, make_owner, submit_at_once
 
 from service import cli_tokens, crud
 from service.auth import create_token, revoke_token, verify_token
@@ -19,12 +19,6 @@ from service.models import Base, Job, JobState, Token
 from service.schemas import JobCreate
 
 pytest_plugins = ["test_service_support"]  # the store / api fixtures
-
-
-def _owner(store: Store, name: str = "alice", quota: int = 50) -> Token:
-    with store.session() as session:
-        _, row = create_token(session, name, quota=quota)
-        return row
 
 
 def _create(store: Store, owner: Token, **over: object) -> Job:
@@ -45,7 +39,7 @@ def test_migrations_match_the_models(store: Store) -> None:
 
 
 def test_queue_order_priority_then_age(store: Store) -> None:
-    owner = _owner(store)
+    owner = make_owner(store)
     jobs = [_create(store, owner, name=n, priority=p) for n, p in (("a", 0), ("b", 5), ("c", 0))]
     with store.session() as session:
         base = datetime(2025, 1, 1, tzinfo=UTC)
@@ -59,7 +53,7 @@ def test_queue_order_priority_then_age(store: Store) -> None:
 
 
 def test_dispatch_retry_and_final_states(store: Store) -> None:
-    owner = _owner(store)
+    owner = make_owner(store)
     job = _create(store, owner, max_attempts=2)
     with store.session() as session:
         job = session.get(Job, job.id)  # type: ignore[assignment]
@@ -90,7 +84,7 @@ def test_dispatch_retry_and_final_states(store: Store) -> None:
 
 
 def test_logs_append_in_order_across_attempts(store: Store) -> None:
-    job = _create(store, _owner(store))
+    job = _create(store, make_owner(store))
     with store.session() as session:
         crud.append_logs(session=session, job_id=job.id, attempt=1, chunks=["a\n", "b\n"])
         crud.append_logs(session=session, job_id=job.id, attempt=1, chunks=["c\n", ""])
@@ -111,7 +105,7 @@ def test_logs_append_in_order_across_attempts(store: Store) -> None:
 
 
 def test_concurrent_creates_with_one_key_make_one_job(store: Store) -> None:
-    owner = _owner(store, quota=5)
+    owner = make_owner(store, quota=5)
     body = JobCreate.model_validate(job_body(idempotency_key="same"))
     barrier = threading.Barrier(10)
 
@@ -128,24 +122,7 @@ def test_concurrent_creates_with_one_key_make_one_job(store: Store) -> None:
 
 
 def test_concurrent_creates_respect_the_quota(store: Store) -> None:
-    owner = _owner(store, quota=4)
-    barrier = threading.Barrier(8)
-
-    def create(i: int) -> str:
-        barrier.wait()
-        with store.session() as session:
-            try:
-                crud.create_job(
-                    session=session,
-                    owner=owner,
-                    job_in=JobCreate.model_validate(job_body(name=f"j{i}")),
-                )
-                return "ok"
-            except crud.QuotaExceeded:
-                return "quota"
-
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(create, range(8)))
+    outcomes = submit_at_once(store, make_owner(store, quota=4), 8)
     assert outcomes.count("ok") == 4 and outcomes.count("quota") == 4
 
 
@@ -175,7 +152,7 @@ def test_cli_hook_creates_a_token(store: Store, capsys: pytest.CaptureFixture[st
 
 
 def test_a_queued_job_fails_without_a_dispatch(store: Store) -> None:
-    owner = _owner(store, quota=1)
+    owner = make_owner(store, quota=1)
     job = _create(store, owner)
     with store.session() as session:
         job = session.get(Job, job.id)  # type: ignore[assignment]
@@ -197,7 +174,7 @@ def test_a_queued_job_fails_without_a_dispatch(store: Store) -> None:
 
 
 def test_failing_a_queued_job_loses_to_a_cancel_that_came_first(store: Store) -> None:
-    job = _create(store, _owner(store))
+    job = _create(store, make_owner(store))
     with store.session() as dispatcher_side, store.session() as api_side:
         stale = dispatcher_side.get(Job, job.id)  # read while QUEUED
         assert stale is not None and stale.state == JobState.QUEUED
@@ -211,7 +188,7 @@ def test_failing_a_queued_job_loses_to_a_cancel_that_came_first(store: Store) ->
 
 
 def test_requeue_unstarted_gives_the_attempt_back(store: Store) -> None:
-    job = _create(store, _owner(store), max_attempts=1)
+    job = _create(store, make_owner(store), max_attempts=1)
     with store.session() as session:
         job = session.get(Job, job.id)  # type: ignore[assignment]
         crud.mark_dispatched(session=session, job=job, submission_id=f"fgd-{job.id}-1")

@@ -6,8 +6,10 @@ at the end; skipped with the reason when the server is unreachable).
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -208,3 +210,31 @@ def job_body(**over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"name": "tiny", "spec": spec()}
     body.update(over)
     return body
+
+
+def make_owner(store: Store, name: str = "alice", quota: int = 50) -> Token:
+    """A new token (the owner of jobs) in ``store``."""
+    with store.session() as session:
+        return create_token(session, name, quota=quota)[1]
+
+
+def submit_at_once(store: Store, owner: Token, n: int) -> list[str]:
+    """``n`` submissions of ``owner`` released together from ``n`` threads, each on a session of
+    its own; each comes back ``"ok"`` or ``"quota"`` (``crud.QuotaExceeded``)."""
+    from service import crud
+    from service.schemas import JobCreate
+
+    barrier = threading.Barrier(n)
+
+    def create(i: int) -> str:
+        job_in = JobCreate.model_validate(job_body(name=f"j{i}"))
+        barrier.wait()
+        with store.session() as session:
+            try:
+                crud.create_job(session=session, owner=owner, job_in=job_in)
+                return "ok"
+            except crud.QuotaExceeded:
+                return "quota"
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(create, range(n)))

@@ -23,7 +23,6 @@ _NO_PROGRESS = Progress()  # read-only: shared by the rows with no progress yet
 # escaped (\u0000) inside any string, so its bytes appear nowhere else; the value is random.
 _SPEC_MARK: dict[str, Any] = {"\x00spec": secrets.token_hex(16)}
 _SPEC_MARK_JSON = to_json(_SPEC_MARK)
-_STATES = {state.value: state.value for state in JobState}  # a stored state not listed: KeyError
 
 
 def job_public(job: Job, results: ResultsReader) -> JobPublic:
@@ -107,7 +106,7 @@ class JobsRenderer:
             "owner": row["owner"],
             "priority": row["priority"],
             "idempotency_key": row["idempotency_key"],
-            "state": _STATES[row["state"]],
+            "state": JobState(row["state"]),
             "attempt": row["attempt"],
             "max_attempts": row["max_attempts"],
             "submission_id": row["submission_id"],
