@@ -19,14 +19,17 @@ exits at once). The head stands in for a remote cluster: it and every process it
 under SCHED_IDLE (nice 19 is not enough: each Ray job starts new Python processes, whose kernel
 work is not preempted) on the machine's last CPU only, with its session directory in
 /dev/shm. Even so, on a 2-CPU machine the cluster's processes delay the API's (see
-docs/api_load.md). ``--dispatch none`` runs without it.
+docs/api_load.md). ``--ray-cpus 8-15`` gives the head those CPUs instead (normal scheduling,
+nice 19) and keeps this process, the server and the load generator off them, as if the
+cluster ran on a machine of its own (start PostgreSQL on the other CPUs too, with taskset).
+``--dispatch none`` runs without it.
 
 The machine may be shared: ``--repeat N`` measures N rounds on the same server and reports
 each figure's median, and the JSON records the CPU the server, PostgreSQL, the load generator
 and the whole machine used meanwhile.
 
     python benchmarks/api_load.py [--rate 200] [--clients 50] [--duration 30] [--jobs 10000]
-        [--workers 1 [2 ...]] [--threads 8] [--repeat 1] [--dispatch ray|none]
+        [--workers 1 [2 ...]] [--threads 8] [--repeat 1] [--dispatch ray|none] [--ray-cpus 8-15]
         [--out benchmarks/results]
     python benchmarks/api_load.py --url http://host:8000 --database-url postgresql+psycopg://...
     python benchmarks/api_load.py --url http://host:8000 --token fgd_...   # no seeding
@@ -117,6 +120,27 @@ def _mix(text: str) -> dict[str, float]:
     return out
 
 
+def _cpu_list(text: str) -> set[int]:
+    """``0-3,8`` -> {0, 1, 2, 3, 8}: CPUs this machine has."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r} (e.g. 8-15 or 6,7)") from None
+    mine = os.sched_getaffinity(0)
+    if not cpus or not cpus < mine:
+        raise argparse.ArgumentTypeError(
+            f"--ray-cpus must be some, not all, of this process's CPUs {_cpu_text(mine)}"
+        )
+    return cpus
+
+
+def _cpu_text(cpus: set[int] | None) -> str:
+    return ",".join(str(c) for c in sorted(cpus or ()))
+
+
 def _server_env(home: Path, database_url: str, ray: RayHead | None, args: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGD_")}
     env.pop("RAY_ADDRESS", None)
@@ -142,10 +166,14 @@ def run_local(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     """Start the Ray head (unless ``--dispatch none``), then per worker count: a fresh database,
     the seeded store, the server, the load."""
     runs: dict[str, Any] = {}
-    ray = RayHead(home, idle=True, temp_root="/dev/shm") if args.dispatch == "ray" else None
+    ray = None
+    if args.dispatch == "ray":
+        own_cpus = args.ray_cpus is not None
+        ray = RayHead(home, idle=not own_cpus, temp_root="/dev/shm", cpus=args.ray_cpus)
     try:
         if ray is not None:
-            print("starting a Ray head at nice 19 ...", flush=True)
+            where = f"on CPUs {_cpu_text(ray.cpus)}" if ray.cpus else "under SCHED_IDLE"
+            print(f"starting a Ray head {where} ...", flush=True)
             ray.start()
         for workers in args.workers:
             with scratch_database(args.pg) as database_url:
@@ -215,17 +243,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="FGD_THREADS of each worker")
     parser.add_argument("--dispatch", choices=["ray", "none"], default="ray")
     parser.add_argument("--max-concurrent-jobs", type=int, default=2)
+    parser.add_argument(
+        "--ray-cpus",
+        type=_cpu_list,
+        help="CPUs of the Ray head alone (e.g. 8-15); default: "
+        "the last CPU, shared, under SCHED_IDLE",
+    )
     parser.add_argument("--pg", default=PG_SERVER, help="the PostgreSQL server to use")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.ray_cpus is not None:  # the rest of the machine: this process and all it starts
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - args.ray_cpus)
 
     results: dict[str, Any] = {
         "config": {
-            k: (str(v) if isinstance(v, Path) else v)
+            k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
             for k, v in vars(args).items()
             if k not in ("token", "database_url")
         },
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "cpus_of_api_and_load": _cpu_text(os.sched_getaffinity(0)),
+        },
     }
     home = Path(tempfile.mkdtemp(prefix="fgd-api-load-"))
     try:

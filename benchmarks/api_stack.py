@@ -220,8 +220,9 @@ class RayHead:
     """``ray start --head --block`` (then at nice 19), its own ports and temp dir.
 
     ``idle``: the head's processes (and all they start) run under SCHED_IDLE on the machine's
-    last CPU, as a remote cluster would take nothing from the API's CPUs; ``temp_root`` holds
-    its session directory.
+    last CPU, as a remote cluster would take nothing from the API's CPUs. ``cpus``: they run on
+    these CPUs instead (at nice 19 alone, unless ``idle``), as on a machine of their own when
+    nothing else runs there. ``temp_root`` holds its session directory.
     """
 
     home: Path
@@ -231,6 +232,7 @@ class RayHead:
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     idle: bool = False  # SCHED_IDLE instead of nice 19 alone
     temp_root: str = "/tmp"
+    cpus: set[int] | None = None
 
     def env(self) -> dict[str, str]:
         """What a client of this head needs (Ray requires a token for its dashboard)."""
@@ -277,13 +279,16 @@ class RayHead:
         _wait("the Ray dashboard", self._answers, timeout=300, every=0.5)
         # Started at normal priority (it starts in time on a busy machine), then niced: what it
         # starts later (job supervisors, the entrypoints) inherits nice 19 from its raylet.
+        cpus = self.cpus or ({max(os.sched_getaffinity(0))} if self.idle else None)
         for pid in _tree(self.proc.pid):
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, pid, 19)
             if self.idle:
                 with contextlib.suppress(OSError):
                     os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-                    os.sched_setaffinity(pid, {max(os.sched_getaffinity(0))})
+            if cpus:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(pid, cpus)
 
     def _answers(self) -> bool:
         assert self.proc is not None
