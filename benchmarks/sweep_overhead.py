@@ -13,8 +13,13 @@ processes forked from the parent, which inherit its imports, is measured and rep
 The number of steps is calibrated so that a training takes ``--seconds`` alone on one thread,
 unless ``--iterations`` is given.
 
+A shared machine's speed drifts by several per cent over minutes. ``--repeat N`` measures N
+rounds of the three 2-CPU runs (the sweep, the fresh pool, the forked pool), in an order that
+rotates from round to round so that each is measured early and late, and reports each
+round's ratios and their medians (the headline).
+
     python benchmarks/sweep_overhead.py [--trials 8] [--seconds 20 | --iterations N]
-        [--out benchmarks/results]
+        [--repeat 1] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -138,15 +145,28 @@ def run_tune(
     return elapsed
 
 
+def _tune_round(
+    job: dict[str, Any], trials: int, concurrent: int, uri: str, work: Path, index: int
+) -> float:
+    """One sweep on a fresh 2-CPU Ray runtime."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        name = f"concurrent-{concurrent}-round-{index + 1}"
+        return run_tune(job, trials, concurrent, uri, work / "tune", name)
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="a training alone, about")
     parser.add_argument("--iterations", type=int, help="steps per training (else calibrated)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; medians reported")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-
-    import ray
 
     from workers.convert import resolve_data
     from workers.spec import JobSpec
@@ -161,29 +181,39 @@ def main() -> None:
         f"sqlite:///{work / 'mlflow.db'}", str(work / "artifacts"), log_path=work / "mlflow.log"
     )
     cpus = 2
+    runs: dict[str, Callable[[int], float]] = {
+        "tune_2_concurrent_s": lambda r: _tune_round(job, args.trials, 2, server.uri, work, r),
+        "pool_2_workers_s": lambda r: run_pool(job, args.trials, cpus, "spawn"),
+        "pool_2_workers_fork_s": lambda r: run_pool(job, args.trials, cpus, "fork"),
+    }
+    rounds: list[dict[str, float]] = []
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        tune_2 = run_tune(job, args.trials, 2, server.uri, work / "tune", "concurrent-2")
-        ray.shutdown()
-        pool_2 = run_pool(job, args.trials, cpus, "spawn")
-        pool_fork = run_pool(job, args.trials, cpus, "fork")
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        tune_1 = run_tune(job, args.trials, 1, server.uri, work / "tune", "concurrent-1")
-        ray.shutdown()
+        for r in range(args.repeat):
+            names = list(runs)[r % 3 :] + list(runs)[: r % 3]
+            rounds.append({name: runs[name](r) for name in names})
+            rounds[-1]["overhead_ratio"] = (
+                rounds[-1]["tune_2_concurrent_s"] / rounds[-1]["pool_2_workers_s"]
+            )
+            rounds[-1]["overhead_ratio_fork_pool"] = (
+                rounds[-1]["tune_2_concurrent_s"] / rounds[-1]["pool_2_workers_fork_s"]
+            )
+            print(f"round {r + 1}/{args.repeat}: {json.dumps(rounds[-1])}", flush=True)
+        tune_1 = _tune_round(job, args.trials, 1, server.uri, work, args.repeat)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    results = {
+    results: dict[str, Any] = {
         "trials": args.trials,
         "iterations": iterations,
-        "tune_2_concurrent_s": tune_2,
-        "pool_2_workers_s": pool_2,
-        "pool_2_workers_fork_s": pool_fork,
+        "repeat": args.repeat,
+        **{key: statistics.median(r[key] for r in rounds) for key in rounds[0]},
         "tune_1_concurrent_s": tune_1,
-        "overhead_ratio": tune_2 / pool_2,
-        "overhead_ratio_fork_pool": tune_2 / pool_fork,
+    }
+    tune_2, pool_2, pool_fork = (results[k] for k in runs)
+    results |= {
         "throughput_2_over_1": tune_1 / tune_2,
         "mean_training_s": pool_fork * cpus / args.trials,
+        "rounds": rounds,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -196,7 +226,8 @@ def main() -> None:
         f"Tune (1 concurrent) {tune_1:.1f} s"
     )
     print(f"mean training {results['mean_training_s']:.1f} s")
-    print(f"overhead ratio {results['overhead_ratio']:.2f}  (target <= 1.10)")
+    median = f"median of {args.repeat} rounds" if args.repeat > 1 else "one round"
+    print(f"overhead ratio {results['overhead_ratio']:.2f}  (target <= 1.10; {median})")
     print(f"overhead ratio against the forked pool {results['overhead_ratio_fork_pool']:.2f}")
     print(f"throughput 2 concurrent / 1 concurrent {results['throughput_2_over_1']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
