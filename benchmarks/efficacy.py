@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     from workers.settings import fgd_home, layout
     from workers.spec import dump_spec
     from workers.sweep import run_sweep, tune_storage_path
-    from workers.tracking import log_artifact_file, make_client, tracking_uri
+    from workers.tracking import log_artifact_file, make_client
+    from workers.tracking_server import tracking_uri
 
     args = parse_args(argv)
     scale = scale_of(args)

@@ -170,7 +170,7 @@ def main() -> None:
 
     from workers.convert import resolve_data
     from workers.spec import JobSpec
-    from workers.tracking import start_server
+    from workers.tracking_server import start_server
 
     work = Path(tempfile.mkdtemp(prefix="fgd-sweep-bench-"))
     resolve_data(JobSpec.model_validate(job_dict(work, 8)).data)  # the data, outside timings

@@ -6,7 +6,7 @@ supervisor, which stops the parts in reverse order:
 - Ray: ``ray start --head --block`` with a fresh token (Ray's token auth), its own temp dir
   under /tmp and free ports (the dashboard on 8265 when free). Not started when ``RAY_ADDRESS``
   names a cluster.
-- MLflow: the embedded server of ``FGD_HOME`` (SQLite, local artifacts; ``workers.tracking``),
+- MLflow: the embedded server of ``FGD_HOME`` (SQLite, local artifacts; ``workers.tracking_server``),
   reused when it already runs (and then left running). Not started when
   ``MLFLOW_TRACKING_URI`` is set.
 - The API: ``python -m uvicorn service.main:app`` dispatching to that Ray head. This process
@@ -209,7 +209,7 @@ class Stack:
             shutil.rmtree(self._ray_temp, ignore_errors=True)
             self._ray_temp = None
         if self._mlflow_started:
-            from workers.tracking import stop_embedded_server
+            from workers.tracking_server import stop_embedded_server
 
             stop_embedded_server()
             self._mlflow_started = False
@@ -310,7 +310,7 @@ class Stack:
             self.mlflow_uri = configured
             say(f"MLflow        {configured} (MLFLOW_TRACKING_URI)")
             return
-        from workers.tracking import embedded_server, ensure_embedded_server
+        from workers.tracking_server import embedded_server, ensure_embedded_server
 
         running = embedded_server()
         handle = running or ensure_embedded_server()

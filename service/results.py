@@ -53,7 +53,7 @@ class ResultsReader:
     def tracking_uri(self) -> str:
         """The configured URI, else the embedded server's if it is running (never started)."""
         if self._uri is None:
-            from workers.tracking import embedded_server
+            from workers.tracking_server import embedded_server
 
             handle = embedded_server()
             if handle is None:

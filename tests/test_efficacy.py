@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from workers.tracking import start_server
+    from workers.tracking_server import start_server
 
     home = tmp_path_factory.mktemp("efficacy_mlflow")
     server = start_server(

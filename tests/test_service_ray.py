@@ -186,7 +186,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from service.cli_tokens import create
     from workers.convert import resolve_data
     from workers.spec import DataSpec
-    from workers.tracking import start_server
+    from workers.tracking_server import start_server
 
     home = tmp_path_factory.mktemp("fgd_ray_home")
     data = home / "data" / "shapes-tiny"

@@ -100,8 +100,8 @@ def test_trials_and_results_from_a_real_mlflow_server(tmp_path: Path) -> None:
         log_metrics,
         make_client,
         open_trial_run,
-        start_server,
     )
+    from workers.tracking_server import start_server
 
     server = start_server(
         f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -32,7 +32,7 @@ def env(tmp_path_factory):
     """FGD_HOME, a tiny dataset, a teacher file and a real MLflow server for this module."""
     from sweep_helpers import make_teacher
 
-    from workers.tracking import start_server
+    from workers.tracking_server import start_server
 
     home = tmp_path_factory.mktemp("fgd_home")
     data = home / "data" / "shapes-tiny"

@@ -26,12 +26,8 @@ from workers.tracking import (
     FORMAT_TAG,
     PARENT_TAG,
     TRIAL_KEY_TAG,
-    ServerHandle,
-    TrackingServerError,
-    check_tracking_server,
     create_parent_run,
     download_run_artifact,
-    embedded_server,
     finish_run,
     flatten_params,
     get_or_create_experiment,
@@ -43,6 +39,12 @@ from workers.tracking import (
     make_client,
     open_trial_run,
     register_model_version,
+)
+from workers.tracking_server import (
+    ServerHandle,
+    TrackingServerError,
+    check_tracking_server,
+    embedded_server,
     start_server,
     stop_embedded_server,
     tracking_uri,
@@ -95,7 +97,7 @@ def test_settings_layout_and_env_names(tmp_path, monkeypatch):
 
 def test_imports_stay_light():
     code = (
-        "import sys, workers.tracking, workers.report; "
+        "import sys, workers.tracking, workers.tracking_server, workers.report; "
         "print([m for m in ('torch', 'mlflow', 'matplotlib', 'ray') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -121,7 +123,7 @@ def test_embedded_server_started_once_reused_and_stopped(tmp_path, monkeypatch):
     monkeypatch.setenv("FGD_MLFLOW_PORT", str(busy.getsockname()[1]))  # the default is taken
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = (
-        "import json; from workers.tracking import tracking_uri, embedded_server; "
+        "import json; from workers.tracking_server import tracking_uri, embedded_server; "
         "u = tracking_uri(); print(json.dumps([u, embedded_server().pid]))"
     )
     try:

@@ -119,7 +119,8 @@ def run(
 ) -> int:
     """Run the job's sweep; return the exit status."""
     from workers.sweep import run_sweep
-    from workers.tracking import finish_run, get_or_create_experiment, make_client, tracking_uri
+    from workers.tracking import finish_run, get_or_create_experiment, make_client
+    from workers.tracking_server import tracking_uri
 
     uri = tracking_uri()
     client = make_client(uri)

@@ -188,7 +188,7 @@ def run_sweep(
         make_client,
         register_model_version,
     )
-    from workers.tracking import tracking_uri as default_tracking_uri
+    from workers.tracking_server import tracking_uri as default_tracking_uri
     from workers.trainable import fgd_trainable, flat_params
 
     sweep: SweepSpec = spec.sweep or SweepSpec()
