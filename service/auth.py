@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from service.cache import TtlCache
 from service.models import Token, utcnow
 
 if TYPE_CHECKING:
@@ -76,23 +76,18 @@ class TokenCache:
     MAX_ENTRIES = 10_000  # past this many live tokens, the cache starts over
 
     def __init__(self, store: Store, ttl: float) -> None:
-        self.store, self.ttl = store, ttl
-        self._entries: dict[str, tuple[float, Token]] = {}
+        self.store = store
+        self._tokens: TtlCache[str, Token] = TtlCache(ttl, self.MAX_ENTRIES)
 
     def cached(self, plain: str) -> Token | None:
         """The token, if verified less than ``ttl`` seconds ago (no I/O: safe on the loop)."""
-        entry = self._entries.get(hash_token(plain))
-        if entry is None or entry[0] <= time.monotonic():
-            return None
-        return entry[1]
+        return self._tokens.lookup(hash_token(plain))[1]
 
     def verify(self, plain: str) -> Token | None:
         """Look the token up in the store (blocking), and remember it while it is live."""
         with self.store.session() as session:
             row = verify_token(session, plain)
             session.commit()  # the row stays loaded, detached from the closed session
-        if row is not None and self.ttl > 0:
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries = {}
-            self._entries[row.token_hash] = (time.monotonic() + self.ttl, row)
+        if row is not None:
+            self._tokens.put(row.token_hash, row)
         return row

@@ -9,11 +9,11 @@ remembered for ``RESOLVED_SECONDS``, so a symlink changed on this host counts wi
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from service.cache import TtlCache
 from workers.spec import JobSpec
 
 # Spec fields holding a path the workers read; a sweep grid may override them by dotted path.
@@ -76,18 +76,16 @@ def _allowed(value: str, roots: Sequence[Path]) -> bool:
 
 
 RESOLVED_SECONDS = 60.0
-_RESOLVED: dict[str, tuple[float, str | None]] = {}  # path as sent -> (until, resolved)
+# The path as sent -> its resolution (None: not absolute).
+_RESOLVED: TtlCache[str, str | None] = TtlCache(RESOLVED_SECONDS, 4096)
 
 
 def _resolve(value: str) -> str | None:
     """``value`` with ``~``, ``..`` and symlinks resolved; None when it is not absolute."""
-    now = time.monotonic()
-    hit = _RESOLVED.get(value)
-    if hit is not None and hit[0] > now:
-        return hit[1]
+    found, resolved = _RESOLVED.lookup(value)
+    if found:
+        return resolved
     path = os.path.expanduser(value)
     resolved = os.path.realpath(path) if os.path.isabs(path) else None
-    if len(_RESOLVED) >= 4096:
-        _RESOLVED.clear()
-    _RESOLVED[value] = (now + RESOLVED_SECONDS, resolved)
+    _RESOLVED.put(value, resolved)
     return resolved

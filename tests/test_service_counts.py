@@ -116,7 +116,7 @@ def test_token_cache_keeps_a_live_token_for_its_ttl(
         assert revoke_token(session, row.id)
     assert tokens.cached(plain) is not None  # revoked, but within the ttl
     now = time.monotonic()
-    monkeypatch.setattr("service.auth.time.monotonic", lambda: now + 31.0)
+    monkeypatch.setattr("service.cache.time.monotonic", lambda: now + 31.0)
     assert tokens.cached(plain) is None
     assert tokens.verify(plain) is None  # looked up again: refused, and not cached
     assert tokens.verify("fgd_unknown") is None and tokens.cached("fgd_unknown") is None
@@ -138,7 +138,7 @@ def test_resolved_paths_are_kept_for_a_while(
     assert validation._allowed(str(link / "ann.json"), roots)  # the resolution is kept
     now = time.monotonic()
     later = now + validation.RESOLVED_SECONDS + 1
-    monkeypatch.setattr("service.validation.time.monotonic", lambda: later)
+    monkeypatch.setattr("service.cache.time.monotonic", lambda: later)
     assert not validation._allowed(str(link / "ann.json"), roots)
     assert not validation._allowed(str(root / ".." / "elsewhere" / "x"), roots)
     assert not validation._allowed("relative/x", roots)
