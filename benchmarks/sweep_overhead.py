@@ -186,18 +186,18 @@ def main() -> None:
         "pool_2_workers_s": lambda r: run_pool(job, args.trials, cpus, "spawn"),
         "pool_2_workers_fork_s": lambda r: run_pool(job, args.trials, cpus, "fork"),
     }
+    names = list(runs)
     rounds: list[dict[str, float]] = []
     try:
         for r in range(args.repeat):
-            names = list(runs)[r % 3 :] + list(runs)[: r % 3]
-            rounds.append({name: runs[name](r) for name in names})
-            rounds[-1]["overhead_ratio"] = (
-                rounds[-1]["tune_2_concurrent_s"] / rounds[-1]["pool_2_workers_s"]
+            turn = r % len(names)  # each run goes first in turn
+            row = {name: runs[name](r) for name in names[turn:] + names[:turn]}
+            row["overhead_ratio"] = row["tune_2_concurrent_s"] / row["pool_2_workers_s"]
+            row["overhead_ratio_fork_pool"] = (
+                row["tune_2_concurrent_s"] / row["pool_2_workers_fork_s"]
             )
-            rounds[-1]["overhead_ratio_fork_pool"] = (
-                rounds[-1]["tune_2_concurrent_s"] / rounds[-1]["pool_2_workers_fork_s"]
-            )
-            print(f"round {r + 1}/{args.repeat}: {json.dumps(rounds[-1])}", flush=True)
+            rounds.append(row)
+            print(f"round {r + 1}/{args.repeat}: {json.dumps(row)}", flush=True)
         tune_1 = _tune_round(job, args.trials, 1, server.uri, work, args.repeat)
     finally:
         server.stop()
@@ -209,7 +209,7 @@ def main() -> None:
         **{key: statistics.median(r[key] for r in rounds) for key in rounds[0]},
         "tune_1_concurrent_s": tune_1,
     }
-    tune_2, pool_2, pool_fork = (results[k] for k in runs)
+    tune_2, pool_2, pool_fork = (results[k] for k in names)
     results |= {
         "throughput_2_over_1": tune_1 / tune_2,
         "mean_training_s": pool_fork * cpus / args.trials,
