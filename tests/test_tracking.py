@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from workers import report
+from workers.artifact_store import MARKER, STAGING_PREFIX, LocalArtifactStore
 from workers.settings import env_var_names, layout
 from workers.tracking import (
     FORMAT_TAG,
@@ -45,6 +46,7 @@ from workers.tracking_server import (
     TrackingServerError,
     check_tracking_server,
     embedded_server,
+    local_artifact_store,
     start_server,
     stop_embedded_server,
     tracking_uri,
@@ -150,6 +152,11 @@ def test_embedded_server_started_once_reused_and_stopped(tmp_path, monkeypatch):
 
         assert tracking_uri() == uri  # reused in this process: same port ...
         assert embedded_server().pid == pid  # ... same pid
+        # Its artifact directory is marked: trials on this machine may write into it.
+        store = local_artifact_store(uri)
+        assert store is not None and store.reachable()
+        assert Path(store.root) == home / "mlflow" / "artifacts"
+        assert local_artifact_store("http://127.0.0.1:9") is None  # a server not ours
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
         assert tracking_uri() == "http://mlflow.example:5000"
@@ -249,6 +256,68 @@ def test_parent_and_trial_runs_are_nested_and_never_duplicated(client, experimen
 
 
 # --- artifacts and registry ------------------------------------------------------------------
+
+
+def test_artifact_store_paths_and_marker(tmp_path):
+    store = LocalArtifactStore.mark(tmp_path / "store")
+    assert (tmp_path / "store" / MARKER).read_text().strip() == store.token
+    assert LocalArtifactStore.mark(tmp_path / "store") == store  # a store keeps its token
+    assert LocalArtifactStore.from_dict(store.to_dict()) == store
+    assert LocalArtifactStore.from_dict(None) is None
+    assert LocalArtifactStore.read(tmp_path) is None  # not marked
+    assert store.reachable()
+    assert not LocalArtifactStore(store.root, "another").reachable()
+    assert not LocalArtifactStore(str(tmp_path / "nowhere"), store.token).reachable()
+
+    run = "mlflow-artifacts:/3/abc/artifacts"
+    assert store.path_of(run, "checkpoint", "state.pt") == (
+        tmp_path / "store" / "3" / "abc" / "artifacts" / "checkpoint" / "state.pt"
+    )
+    assert store.path_of(run, None, "a.json") == tmp_path / "store/3/abc/artifacts/a.json"
+    assert store.path_of("mlflow-artifacts://other:5000/3/abc/artifacts", "m", "x") is None
+    assert store.path_of("s3://bucket/3/abc/artifacts", "m", "x") is None
+    assert store.path_of(run, "../../..", "x") is None
+
+
+@pytest.mark.slow
+def test_artifacts_written_into_the_local_store_are_served(
+    mlflow_server, client, experiment_id, tmp_path, monkeypatch
+):
+    """A trial on the server's machine writes its files into the server's artifact directory;
+    the server lists and serves them as its own uploads. A store this process does not reach
+    falls back to an upload."""
+    store = local_artifact_store(mlflow_server.uri)
+    assert store is not None and store == mlflow_server.artifact_store()
+    assert Path(store.root) == Path(mlflow_server.artifacts_destination)
+    run = create_parent_run(client, experiment_id, name="trial", params={})
+    weights = tmp_path / "state.pt"
+    weights.write_bytes(os.urandom(3 * 2**20))
+
+    uploads: list[str] = []
+    upload = client.log_artifact
+    monkeypatch.setattr(
+        client, "log_artifact", lambda *a, **k: uploads.append(a) or upload(*a, **k)
+    )
+    log_artifact_file(client, run, weights, "checkpoint", store=store)
+    assert uploads == []  # written, not uploaded
+    uri = client.get_run(run).info.artifact_uri
+    direct = store.path_of(uri, "checkpoint", "state.pt")
+    assert direct is not None and direct.read_bytes() == weights.read_bytes()
+    assert not [p for p in direct.parent.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    listed = {f.path: f.file_size for f in client.list_artifacts(run, "checkpoint")}
+    assert listed == {"checkpoint/state.pt": 3 * 2**20}
+    fetched = download_run_artifact(
+        f"runs:/{run}/checkpoint/state.pt", client=client, dst_path=tmp_path / "dl"
+    )
+    assert fetched.read_bytes() == weights.read_bytes()
+
+    # Another machine's store of the same path (another token), and a path not there: upload.
+    elsewhere = LocalArtifactStore(str(tmp_path / "elsewhere"), store.token)
+    for i, other in enumerate([LocalArtifactStore(store.root, "another"), elsewhere]):
+        log_artifact_file(client, run, weights, f"model{i}", store=other)
+        assert {f.path for f in client.list_artifacts(run, f"model{i}")} == {f"model{i}/state.pt"}
+    assert len(uploads) == 2
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.slow

@@ -188,6 +188,7 @@ def run_sweep(
         make_client,
         register_model_version,
     )
+    from workers.tracking_server import local_artifact_store
     from workers.tracking_server import tracking_uri as default_tracking_uri
     from workers.trainable import fgd_trainable, flat_params
 
@@ -244,6 +245,8 @@ def run_sweep(
         "teacher_uri": teacher_uri,
         # PBT may clone a finished trial's final state; otherwise that state lives in MLflow only.
         "final_state_in_tune": sweep.scheduler == "pbt",
+        # The server's local artifact directory, for trials on its machine to write into.
+        "artifact_store": store.to_dict() if (store := local_artifact_store(uri)) else None,
     }
     job = spec.to_dict()
     trainable = tune.with_resources(

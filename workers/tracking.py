@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.artifact_store import LocalArtifactStore
 from workers.tracking_server import tracking_uri
 
 if TYPE_CHECKING:
@@ -285,10 +286,26 @@ def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> N
 
 
 def log_artifact_file(
-    client: MlflowClient, run_id: str, local_path: str | Path, artifact_path: str | None = None
+    client: MlflowClient,
+    run_id: str,
+    local_path: str | Path,
+    artifact_path: str | None = None,
+    *,
+    store: LocalArtifactStore | None = None,
 ) -> None:
-    """Upload a file or directory into the run's artifact dir ``artifact_path`` (default root)."""
+    """Upload a file or directory into the run's artifact dir ``artifact_path`` (default root).
+
+    With ``store``, the server's local artifact store (``local_artifact_store``), a file is
+    written straight into it when this process reaches it, and uploaded otherwise.
+    """
     path = Path(local_path)
+    if (
+        store is not None
+        and path.is_file()
+        and store.reachable()
+        and store.write_file(client.get_run(run_id).info.artifact_uri, path, artifact_path)
+    ):
+        return
     if path.is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
     else:

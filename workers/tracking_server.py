@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.artifact_store import LocalArtifactStore
 from workers.settings import FgdLayout, layout, mlflow_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class TrackingServerError(RuntimeError):
 
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # servers started by this process (to reap)
+_STARTED: dict[str, ServerHandle] = {}  # the same servers by URI (for local_artifact_store)
 
 
 @dataclass
@@ -65,6 +67,14 @@ class ServerHandle:
         """SIGTERM the process group, SIGKILL it after ``timeout`` seconds."""
         _terminate_group(self.pid, self._proc or _CHILDREN.get(self.pid), timeout)
         _CHILDREN.pop(self.pid, None)
+        if _STARTED.get(self.uri) is self:
+            del _STARTED[self.uri]
+
+    def artifact_store(self) -> LocalArtifactStore | None:
+        """The server's artifact directory, when it is local and marked (see start_server)."""
+        if "://" in self.artifacts_destination:
+            return None
+        return LocalArtifactStore.read(self.artifacts_destination)
 
     def record(self) -> dict[str, Any]:
         """What ``server.json`` keeps."""
@@ -117,7 +127,8 @@ def start_server(
     destination = str(artifacts_destination)
     if "://" not in destination:
         local = Path(destination).expanduser().absolute()
-        local.mkdir(parents=True, exist_ok=True)
+        # Marked, so that trials on this machine may write into it directly.
+        LocalArtifactStore.mark(local)
         destination = str(local)
     if backend_store_uri.startswith("sqlite:///"):
         Path(backend_store_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +191,7 @@ def start_server(
             )
         time.sleep(0.1)
     handle.start_seconds = round(time.monotonic() - t0, 2)
+    _STARTED[handle.uri] = handle
     log.info("mlflow server %s up in %.1fs (pid %d)", handle.uri, handle.start_seconds, proc.pid)
     return handle
 
@@ -190,6 +202,18 @@ def tracking_uri() -> str:
     if configured:
         return configured
     return ensure_embedded_server().uri
+
+
+def local_artifact_store(uri: str) -> LocalArtifactStore | None:
+    """The local artifact store of the server at ``uri``, when it is one this process started
+    or the embedded server: trials that find it (workers.artifact_store) write artifacts into
+    it without an upload. None for any other server."""
+    uri = uri.rstrip("/")
+    handle = _STARTED.get(uri)
+    if handle is None:
+        embedded = embedded_server()
+        handle = embedded if embedded is not None and embedded.uri.rstrip("/") == uri else None
+    return handle.artifact_store() if handle is not None else None
 
 
 def ensure_embedded_server() -> ServerHandle:

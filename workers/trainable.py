@@ -21,6 +21,7 @@ from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
+from workers.artifact_store import LocalArtifactStore
 from workers.spec import JobSpec
 from workers.sweep_spec import FGD_PARAMS, RATIO
 
@@ -235,6 +236,9 @@ def _train_trial(
 
     spec = apply_overrides(job, config)
     client = make_client(tracking["uri"])
+    # The server's own artifact directory when this node reaches it: no upload of the
+    # checkpoint and the weights through the server.
+    store = LocalArtifactStore.from_dict(tracking.get("artifact_store"))
     teacher_weights = resolve_teacher_weights(spec, tracking.get("teacher_uri"), client, downloads)
     job_cfg = job_config(spec, teacher_weights=teacher_weights)
     hp = dict(config.get("hp") or {})
@@ -289,7 +293,9 @@ def _train_trial(
         (folder / META_FILE).write_text(json.dumps(meta))
         if step == final_step:
             # The final checkpoint goes to MLflow while the trial finishes.
-            mlflow_io.submit(log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint")
+            mlflow_io.submit(
+                log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint", store=store
+            )
         report: dict[str, Any] = {
             k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)
         }
@@ -318,7 +324,9 @@ def _train_trial(
         folder = scratch_folder("fgd-model-")
         mlflow_io.cleanup(folder)
         torch.save(result.model_state, folder / "state_dict.pt")
-        mlflow_io.submit(log_artifact_file, client, run_id, folder / "state_dict.pt", "model")
+        mlflow_io.submit(
+            log_artifact_file, client, run_id, folder / "state_dict.pt", "model", store=store
+        )
         mlflow_io.submit(
             log_json_artifact, client, run_id, result.detections, "coco/detections_val.json"
         )
@@ -396,10 +404,10 @@ class _Background:
         self._pending: list[Future[Any]] = []
         self._folders: list[Path] = []
 
-    def submit(self, fn: Any, *args: Any) -> None:
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="fgd-mlflow")
-        self._pending.append(self._pool.submit(fn, *args))
+        self._pending.append(self._pool.submit(fn, *args, **kwargs))
 
     def cleanup(self, folder: Path) -> None:
         self._folders.append(folder)
