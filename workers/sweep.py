@@ -192,6 +192,7 @@ def run_sweep(
     from workers.tracking_server import tracking_uri as default_tracking_uri
     from workers.trainable import fgd_trainable, flat_params
 
+    t_start = time.perf_counter()
     sweep: SweepSpec = spec.sweep or SweepSpec()
     name = name or f"{spec.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking_uri or default_tracking_uri()
@@ -327,6 +328,7 @@ def run_sweep(
     sign = 1 if sweep.mode == "max" else -1
     if ranked:
         result.best = max(ranked, key=lambda r: sign * r.metrics[sweep.metric])
+    result.timings["setup"] = t_fit - t_start  # includes the sweeps this one runs first
     result.timings["fit"] = t_done - t_fit
     result.timings["collect"] = time.perf_counter() - t_done
     t_summary = time.perf_counter()
