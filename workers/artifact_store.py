@@ -96,11 +96,10 @@ class LocalArtifactStore:
     def write_file(
         self, artifact_uri: str, local_path: str | Path, artifact_path: str | None
     ) -> bool:
-        """Copy ``local_path`` into the run's artifacts; False when this store cannot take it
-        here (not reachable, another URI, an OS error), for the caller to upload instead."""
+        """Copy the file ``local_path`` into the run's artifacts; False when this store cannot
+        take it (another URI, an OS error), for the caller to upload instead. The caller checks
+        ``reachable()`` first, before it looks up the run's artifact URI."""
         local_path = Path(local_path)
-        if not local_path.is_file() or not self.reachable():
-            return False
         dst = self.path_of(artifact_uri, artifact_path, local_path.name)
         if dst is None:
             return False
