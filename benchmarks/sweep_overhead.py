@@ -151,7 +151,9 @@ def _tune_round(
     """One sweep on a fresh 2-CPU Ray runtime."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from workers.sweep import start_local_ray
+
+    start_local_ray(num_cpus=2)  # as `fgd sweep` starts one without RAY_ADDRESS
     try:
         name = f"concurrent-{concurrent}-round-{index + 1}"
         return run_tune(job, trials, concurrent, uri, work / "tune", name)

@@ -46,13 +46,30 @@ def env(tmp_path_factory):
 
 @pytest.fixture
 def local_ray():
+    """The runtime `fgd sweep` starts without RAY_ADDRESS, on 2 CPUs."""
     import ray
 
-    ray.init(
-        num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False
-    )
+    from workers.sweep import start_local_ray
+
+    start_local_ray(num_cpus=2, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()
+
+
+def test_local_runtime_collects_no_metrics(local_ray):
+    """The local runtime's GCS hands every node the system config without Ray's metrics."""
+    import base64
+    import json
+
+    import psutil
+
+    from workers.sweep import LOCAL_RAY_SYSTEM_CONFIG
+
+    gcs = next(p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server")
+    encoded = next(a for a in gcs.cmdline() if a.startswith("--config_list="))
+    config = json.loads(base64.b64decode(encoded.split("=", 1)[1]))
+    assert config["enable_metrics_collection"] is False and config["event_stats"] is False
+    assert LOCAL_RAY_SYSTEM_CONFIG.items() <= config.items()
 
 
 def _client(uri):

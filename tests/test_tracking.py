@@ -7,6 +7,7 @@ Each test uses its own experiment name.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import report
+from workers import artifact_store, report
 from workers.artifact_store import MARKER, STAGING_PREFIX, LocalArtifactStore
 from workers.settings import env_var_names, layout
 from workers.tracking import (
@@ -310,6 +311,28 @@ def test_artifacts_written_into_the_local_store_are_served(
         f"runs:/{run}/checkpoint/state.pt", client=client, dst_path=tmp_path / "dl"
     )
     assert fetched.read_bytes() == weights.read_bytes()
+    # No copy: the store holds the file's data through a hard link, with MLflow's file mode.
+    assert direct.stat().st_ino == weights.stat().st_ino
+    assert direct.stat().st_mode & 0o777 == 0o666 & ~artifact_store._umask()
+
+    # A JSON artifact goes the same way; with the run's artifact URI given, nothing is looked up.
+    lookups: list[str] = []
+    get_run = client.get_run
+    monkeypatch.setattr(client, "get_run", lambda r: lookups.append(r) or get_run(r))
+    log_json_artifact(client, run, {"AP": 0.5}, "coco/m.json", store=store, artifact_uri=uri)
+    assert uploads == [] and lookups == []
+    assert json.loads(download_run_artifact(f"runs:/{run}/coco/m.json", client=client).read_text())
+
+    # A filesystem without hard links (or another one than the source's): a copy.
+    def no_link(*args: object) -> None:
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    log_artifact_file(client, run, weights, "copied", store=store, artifact_uri=uri)
+    copied = store.path_of(uri, "copied", "state.pt")
+    assert copied is not None and copied.read_bytes() == weights.read_bytes()
+    assert copied.stat().st_ino != weights.stat().st_ino
+    assert uploads == [] and lookups == []
 
     # Another machine's store of the same path (another token), and a path not there: upload.
     elsewhere = LocalArtifactStore(str(tmp_path / "elsewhere"), store.token)

@@ -96,9 +96,11 @@ class LocalArtifactStore:
     def write_file(
         self, artifact_uri: str, local_path: str | Path, artifact_path: str | None
     ) -> bool:
-        """Copy the file ``local_path`` into the run's artifacts; False when this store cannot
-        take it (another URI, an OS error), for the caller to upload instead. The caller checks
-        ``reachable()`` first, before it looks up the run's artifact URI."""
+        """Put the file ``local_path`` into the run's artifacts: a hard link to it where the
+        filesystem allows (no copy: the caller must not change the file afterwards), else a
+        copy. False when this store cannot take it (another URI, an OS error), for the caller
+        to upload instead. The caller checks ``reachable()`` first, before it looks up the run's
+        artifact URI."""
         local_path = Path(local_path)
         dst = self.path_of(artifact_uri, artifact_path, local_path.name)
         if dst is None:
@@ -106,7 +108,10 @@ class LocalArtifactStore:
         tmp = dst.with_name(f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_path, tmp)
+            try:
+                os.link(local_path, tmp)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copyfile(local_path, tmp)
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, dst)
         except OSError:

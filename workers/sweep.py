@@ -134,6 +134,25 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**(config.get("hp") or {}), **(config.get("grid") or {})}
 
 
+# A local runtime started for a sweep has no dashboard, so nothing reads Ray's own metrics:
+# they are not collected (about 1 CPU second a minute less on the CPUs the trials train on).
+LOCAL_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False, "event_stats": False}
+
+
+def start_local_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Start a Ray runtime on this machine for sweeps: no dashboard, no metrics collection,
+    the workers' output kept in Ray's log files."""
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        log_to_driver=False,
+        include_dashboard=False,
+        _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG),
+    )
+
+
 def _ensure_ray(address: str | None) -> None:
     import ray
 
@@ -143,7 +162,7 @@ def _ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(log_to_driver=False, include_dashboard=False)
+        start_local_ray()
 
 
 def _find_parent(client: Any, experiment_id: str, name: str) -> str | None:

@@ -292,19 +292,17 @@ def log_artifact_file(
     artifact_path: str | None = None,
     *,
     store: LocalArtifactStore | None = None,
+    artifact_uri: str | None = None,
 ) -> None:
     """Upload a file or directory into the run's artifact dir ``artifact_path`` (default root).
 
     With ``store``, the server's local artifact store (``local_artifact_store``), a file is
-    written straight into it when this process reaches it, and uploaded otherwise.
+    written straight into it when this process reaches it, and uploaded otherwise; the store
+    may then share the file's data (a hard link), so the file must not be changed afterwards.
+    ``artifact_uri``, the run's artifact URI where the caller knows it, saves looking it up.
     """
     path = Path(local_path)
-    if (
-        store is not None
-        and path.is_file()
-        and store.reachable()
-        and store.write_file(client.get_run(run_id).info.artifact_uri, path, artifact_path)
-    ):
+    if path.is_file() and _write_direct(client, run_id, path, artifact_path, store, artifact_uri):
         return
     if path.is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
@@ -312,10 +310,34 @@ def log_artifact_file(
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_json_artifact(client: MlflowClient, run_id: str, obj: Any, artifact_path: str) -> None:
-    """Write ``obj`` as JSON to the artifact file ``artifact_path`` (e.g. ``spec/job.json``)."""
+def _write_direct(
+    client: MlflowClient,
+    run_id: str,
+    path: Path,
+    artifact_path: str | None,
+    store: LocalArtifactStore | None,
+    artifact_uri: str | None,
+) -> bool:
+    """Write the file ``path`` straight into ``store``; False where it cannot (upload then)."""
+    if store is None or not store.reachable():
+        return False
+    uri = artifact_uri or client.get_run(run_id).info.artifact_uri
+    return store.write_file(uri, path, artifact_path)
+
+
+def log_json_artifact(
+    client: MlflowClient,
+    run_id: str,
+    obj: Any,
+    artifact_path: str,
+    *,
+    store: LocalArtifactStore | None = None,
+    artifact_uri: str | None = None,
+) -> None:
+    """Write ``obj`` as JSON to the artifact file ``artifact_path`` (e.g. ``spec/job.json``);
+    ``store`` and ``artifact_uri`` as for ``log_artifact_file``."""
     text = json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n"
-    _log_text(client, run_id, text, artifact_path)
+    _log_text(client, run_id, text, artifact_path, store=store, artifact_uri=artifact_uri)
 
 
 def log_dict_as_table(
@@ -362,12 +384,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _log_text(client: MlflowClient, run_id: str, text: str, artifact_path: str) -> None:
+def _log_text(
+    client: MlflowClient,
+    run_id: str,
+    text: str,
+    artifact_path: str,
+    *,
+    store: LocalArtifactStore | None = None,
+    artifact_uri: str | None = None,
+) -> None:
     directory, _, filename = artifact_path.strip("/").rpartition("/")
     with tempfile.TemporaryDirectory(prefix="fgd-artifact-") as tmp:
         local = Path(tmp) / filename
         local.write_text(text)
-        client.log_artifact(run_id, str(local), directory or None)
+        if not _write_direct(client, run_id, local, directory or None, store, artifact_uri):
+            client.log_artifact(run_id, str(local), directory or None)
 
 
 def register_model_version(

@@ -255,6 +255,9 @@ def _train_trial(
         params=flat_params(spec),
         run_id=run_id,
     )
+    # The run's artifact URI, looked up once for every file written straight into the store.
+    artifact_uri = client.get_run(run_id).info.artifact_uri if store and store.reachable() else None
+    direct = {"store": store, "artifact_uri": artifact_uri}
     evaluations: dict[int, dict[str, float]] = {}
     in_force: dict[str, float] = {}
     last_train: dict[str, float] = {}
@@ -294,7 +297,7 @@ def _train_trial(
         if step == final_step:
             # The final checkpoint goes to MLflow while the trial finishes.
             mlflow_io.submit(
-                log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint", store=store
+                log_artifact_file, client, run_id, folder / STATE_FILE, "checkpoint", **direct
             )
         report: dict[str, Any] = {
             k: v for k, v in {**teacher_eval, **last_train}.items() if math.isfinite(v)
@@ -325,12 +328,10 @@ def _train_trial(
         mlflow_io.cleanup(folder)
         torch.save(result.model_state, folder / "state_dict.pt")
         mlflow_io.submit(
-            log_artifact_file, client, run_id, folder / "state_dict.pt", "model", store=store
+            log_artifact_file, client, run_id, folder / "state_dict.pt", "model", **direct
         )
-        mlflow_io.submit(
-            log_json_artifact, client, run_id, result.detections, "coco/detections_val.json"
-        )
-        mlflow_io.submit(log_json_artifact, client, run_id, result.metrics, "coco/metrics_val.json")
+        for obj, name in ((result.detections, "detections_val"), (result.metrics, "metrics_val")):
+            mlflow_io.submit(log_json_artifact, client, run_id, obj, f"coco/{name}.json", **direct)
         mlflow_io.wait()
     except BaseException as exc:
         # Tune stops a trial (ASHA, a time budget) by exiting its thread at the next report.
